@@ -1,0 +1,245 @@
+"""The policy file's schema (pydantic v2). Every field of ``docs/policy.md`` lives here.
+
+Unknown fields are errors (``extra="forbid"``) so that a typo never silently loosens a rule.
+Cross-references between sections (a rule's issuer, actions, models and backends; duplicate
+names) are checked by :mod:`broker.policy.loader`, which can name the exact place in the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+Tier = Literal["low", "elevated", "privileged"]
+IssuerKind = Literal["workload", "people"]
+ProfileName = Literal["github", "gitlab", "kubernetes", "spiffe", "oidc"]
+BackendName = Literal["jwt", "vault", "aws"]
+RoleName = Literal["admin", "approver", "auditor"]
+
+# NOTE: only asymmetric algorithms can ever be allow-listed; HS* with a public key as the
+# secret is the classic algorithm-confusion attack (RFC 8725 §2.1).
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+KNOWN_PROFILE_ISSUERS: dict[str, ProfileName] = {
+    "https://token.actions.githubusercontent.com": "github",
+    "https://gitlab.com": "gitlab",
+}
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> int:
+    """``"15m"`` → 900. Accepts a positive int of seconds or ``<n>s|m|h|d``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 15m, 1h or 30s")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and (m := _DURATION.match(value.strip())):
+        seconds = int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 15m, 1h or 30s, got {value!r}")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IssuerConfig(_Strict):
+    """A trusted identity provider."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    issuer: str = Field(min_length=1)
+    audiences: list[str] = Field(min_length=1)
+    kind: IssuerKind = "workload"
+    profile: ProfileName | None = None
+    """Which claims identify a workload; default: guessed from the issuer URL, else ``oidc``."""
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    single_use: bool = False
+    jwks_file: Path | None = None
+    jwks_uri: str | None = None
+    max_key_age: Duration = 86400
+    """Stop accepting this issuer's tokens once its last good key set is older than this."""
+    roles_claim: str | None = None
+    dev: bool = False
+    """Keys come from the broker's in-process dev issuer; refused unless ``--dev``."""
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algs: list[str]) -> list[str]:
+        bad = [a for a in algs if a not in ASYMMETRIC_ALGORITHMS]
+        if bad:
+            allowed = ", ".join(sorted(ASYMMETRIC_ALGORITHMS))
+            raise ValueError(f"algorithms {bad} are not allowed; use asymmetric ones: {allowed}")
+        return algs
+
+    @model_validator(mode="after")
+    def _key_source(self) -> IssuerConfig:
+        sources = [s for s in (self.jwks_file, self.jwks_uri) if s is not None]
+        if len(sources) > 1:
+            raise ValueError("give at most one of jwks_file and jwks_uri")
+        if self.dev and sources:
+            raise ValueError("a dev issuer takes its keys from the broker; drop jwks_file/jwks_uri")
+        if self.kind == "people" and not self.roles_claim:
+            raise ValueError("a people issuer needs roles_claim (the claim that lists groups)")
+        if self.kind == "workload" and self.roles_claim:
+            raise ValueError("roles_claim is only for kind: people")
+        return self
+
+    @property
+    def effective_profile(self) -> ProfileName:
+        if self.profile is not None:
+            return self.profile
+        if self.issuer in KNOWN_PROFILE_ISSUERS:
+            return KNOWN_PROFILE_ISSUERS[self.issuer]
+        if "kubernetes.default.svc" in self.issuer:
+            return "kubernetes"
+        return "oidc"
+
+
+class ActionConfig(_Strict):
+    tier: Tier
+    max_ttl: Duration
+    approvals: int = Field(default=0, ge=0)
+    rollback_tested: Literal["required"] | None = None
+
+    @model_validator(mode="after")
+    def _tier_consistency(self) -> ActionConfig:
+        if self.tier == "low" and self.approvals:
+            raise ValueError("a low-tier action needs no approvals; raise its tier instead")
+        if self.tier != "low" and self.approvals < 1:
+            raise ValueError(f"a {self.tier} action needs approvals: 1 or more")
+        if self.rollback_tested and self.tier != "privileged":
+            raise ValueError("rollback_tested applies to privileged actions only")
+        return self
+
+
+class JwtBackendConfig(_Strict):
+    audiences: list[str] = Field(default_factory=list)
+    """Audiences a caller may request besides the default ``model:<id>``."""
+
+
+class VaultBackendConfig(_Strict):
+    policy_paths: list[str] = Field(min_length=1)
+
+
+class AwsBackendConfig(_Strict):
+    role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+    s3_prefix: str = Field(pattern=r"^s3://[a-z0-9.-]+/.*$")
+
+
+class ModelBackends(_Strict):
+    jwt: JwtBackendConfig = Field(default_factory=JwtBackendConfig)
+    vault: VaultBackendConfig | None = None
+    aws: AwsBackendConfig | None = None
+
+
+class ModelConfig(_Strict):
+    owners: list[str] = Field(default_factory=list)
+    backends: ModelBackends = Field(default_factory=ModelBackends)
+
+    def has_backend(self, backend: str) -> bool:
+        """Whether credentials for this model can come from ``backend`` (``jwt`` always can)."""
+        # Look the name up among the declared backends only: getattr() with an arbitrary name
+        # would find pydantic's own attributes (``model_config``...) and answer yes.
+        if backend not in ModelBackends.model_fields:
+            return False
+        return backend == "jwt" or getattr(self.backends, backend) is not None
+
+    def backend_names(self) -> list[str]:
+        """The backends configured for this model, ``jwt`` first."""
+        return [name for name in ModelBackends.model_fields if self.has_backend(name)]
+
+
+def _claim_expectation(value: object) -> object:
+    """Accept a string or a non-empty list of strings; say clearly what else was given."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty list matches nothing; give one or more strings")
+        bad = [v for v in value if not isinstance(v, str)]
+        if not bad:
+            return value
+        value = bad[0]
+    # NOTE: YAML turns unquoted yes/no/on/off/1 into booleans and numbers (``NO`` becomes
+    # false). Guessing the intended string could match a value the author never meant, so
+    # the author has to quote it.
+    raise ValueError(
+        f"expected a string or a list of strings, got {_yaml_value(value)}; "
+        "quote such values in YAML (for example '1' or 'true')"
+    )
+
+
+def _yaml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return f"{'integer' if isinstance(value, int) else 'number'} {value!r}"
+    return "a mapping" if isinstance(value, dict) else f"a {type(value).__name__}"
+
+
+ClaimExpectation = Annotated[str | list[str], BeforeValidator(_claim_expectation)]
+
+
+def _default_backends() -> list[BackendName]:
+    return ["jwt"]
+
+
+class Rule(_Strict):
+    name: str = Field(min_length=1)
+    issuer: str
+    subject: str | None = None
+    subject_pattern: str | None = None
+    claims: dict[str, ClaimExpectation] = Field(default_factory=dict)
+    models: list[str] = Field(min_length=1)
+    actions: list[str] = Field(min_length=1)
+    datasets: list[str] = Field(default_factory=list)
+    backends: list[BackendName] = Field(default_factory=_default_backends, min_length=1)
+
+    @field_validator("subject")
+    @classmethod
+    def _literal_subject(cls, subject: str | None) -> str | None:
+        # ``subject`` is compared exactly; a wildcard here is almost surely meant as a glob and
+        # would leave a rule that silently never matches.
+        if subject is not None and ("*" in subject or "?" in subject):
+            raise ValueError(f"{subject!r} contains a wildcard; use subject_pattern for globs")
+        return subject
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> Rule:
+        if (self.subject is None) == (self.subject_pattern is None):
+            raise ValueError("give exactly one of subject and subject_pattern")
+        return self
+
+
+class Policy(_Strict):
+    """A validated policy file.
+
+    Build it with :func:`broker.policy.load_policy`, which also checks the cross-references
+    between sections; a bare ``Policy.model_validate`` does not.
+    """
+
+    issuers: list[IssuerConfig] = Field(min_length=1)
+    actions: dict[str, ActionConfig] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    rules: list[Rule] = Field(default_factory=list)
+    roles: dict[RoleName, list[str]] = Field(default_factory=dict)
+
+    def issuer_by_url(self, url: str) -> IssuerConfig | None:
+        return next((i for i in self.issuers if i.issuer == url), None)
+
+    def issuer_by_name(self, name: str) -> IssuerConfig | None:
+        return next((i for i in self.issuers if i.name == name), None)
