@@ -1,0 +1,107 @@
+"""SQLAlchemy 2 tables. Portable between SQLite (embedded default) and PostgreSQL.
+
+Alembic migrations in ``broker/store/migrations`` create these; a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Index, LargeBinary, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class GrantRow(Base):
+    """One issued authorisation. ``status`` moves active → revoked|expired and never back."""
+
+    __tablename__ = "grants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    issuer: Mapped[str] = mapped_column(String(100))  # policy issuer name
+    issuer_url: Mapped[str] = mapped_column(String(500))
+    subject: Mapped[str] = mapped_column(String(500))
+    identity_claims: Mapped[dict[str, Any]] = mapped_column(JSON)  # the claims that mattered
+    subject_jti: Mapped[str | None] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    tier: Mapped[str] = mapped_column(String(20))
+    backend: Mapped[str] = mapped_column(String(20))
+    rule: Mapped[str] = mapped_column(String(200))
+    policy_digest: Mapped[str] = mapped_column(String(80))
+    audience: Mapped[str | None] = mapped_column(String(500))
+    reason: Mapped[str | None] = mapped_column(Text)
+    lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    approval_id: Mapped[str | None] = mapped_column(String(40))
+    issued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(16))
+    credential_ref: Mapped[str | None] = mapped_column(String(200))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    revoked_by: Mapped[str | None] = mapped_column(String(600))
+    revoke_reason: Mapped[str | None] = mapped_column(Text)
+    backend_revocation: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        Index("ix_grants_model_status", "model", "status"),
+        Index("ix_grants_subject", "subject"),
+        Index("ix_grants_issued_at", "issued_at"),
+    )
+
+
+class EventRow(Base):
+    """An audit event. ``idx`` is dense (0, 1, 2, ...) so it can serve as a Merkle leaf index;
+    ``body`` holds the exact canonical JSON bytes that will be hashed as the leaf."""
+
+    __tablename__ = "events"
+
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    type: Mapped[str] = mapped_column(String(40))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    grant_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class LogHeadRow(Base):
+    """A single row holding the log size; incrementing it serialises appenders."""
+
+    __tablename__ = "log_head"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsedTokenRow(Base):
+    """Subject-token ``jti`` values already exchanged, for ``single_use`` issuers."""
+
+    __tablename__ = "used_tokens"
+
+    issuer: Mapped[str] = mapped_column(String(100), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(200), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
