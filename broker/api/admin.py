@@ -1,0 +1,84 @@
+"""Admin routes: grants (auditor or admin reads, admin revokes) and signing-key rotation."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from broker.api.deps import BrokerDep, PersonDep, require_role
+from broker.audit.events import append_event
+
+router = APIRouter(prefix="/v1", tags=["admin"])
+
+
+class RevokeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class BulkRevokeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    subject: str | None = None
+    issuer: str | None = None
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+@router.get("/grants")
+def list_grants(
+    broker: BrokerDep,
+    person: PersonDep,
+    model: str | None = None,
+    subject: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> dict[str, Any]:
+    require_role(person, "auditor", "admin")
+    grants = broker.grants.find(model=model, subject=subject, status=status, limit=limit)
+    return {"grants": [g.to_public() for g in grants]}
+
+
+@router.get("/grants/{grant_id}")
+def show_grant(grant_id: str, broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
+    require_role(person, "auditor", "admin")
+    return broker.grants.get(grant_id).to_public()
+
+
+@router.post("/grants/{grant_id}/revoke")
+def revoke_grant(
+    grant_id: str, body: RevokeBody, broker: BrokerDep, person: PersonDep
+) -> dict[str, Any]:
+    require_role(person, "admin")
+    return broker.grants.revoke(grant_id, person, body.reason).to_public()
+
+
+@router.post("/revocations")
+def bulk_revoke(body: BulkRevokeBody, broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
+    require_role(person, "admin")
+    ids = broker.grants.revoke_matching(
+        actor=person, reason=body.reason, model=body.model, subject=body.subject, issuer=body.issuer
+    )
+    return {"revoked": ids}
+
+
+@router.post("/keys/rotate")
+def rotate_keys(broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
+    """New current signing key; the old current stays published as previous, the old previous
+    is retired (tokens it signed stop verifying at relying parties that refresh their JWKS)."""
+    require_role(person, "admin")
+    with broker.store.write() as session:
+        new_kid, retired = broker.keys.rotate()
+        append_event(
+            session,
+            "signing_key.rotated",
+            dt.datetime.now(dt.UTC),
+            {
+                "actor": {"issuer": person.issuer_name, "subject": person.subject},
+                "kid": new_kid,
+                "retired_kid": retired,
+            },
+        )
+    return {"kid": new_kid, "retired_kid": retired}

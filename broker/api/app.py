@@ -1,0 +1,62 @@
+"""The FastAPI app factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from broker.api import admin, dev, public, token
+from broker.errors import BrokerError, Unauthenticated
+from broker.runtime import Broker, build_broker
+from broker.settings import Settings
+
+
+def _error_response(exc: BrokerError) -> JSONResponse:
+    headers = {"Cache-Control": "no-store"}
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+    return JSONResponse(exc.to_wire(), status_code=exc.status, headers=headers)
+
+
+async def _broker_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BrokerError)
+    return _error_response(exc)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+    body = {"error": "invalid_request", "error_description": f"{where}: {first['msg']}"}
+    return JSONResponse(body, status_code=400)
+
+
+def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> FastAPI:
+    """Build the app. Pass ``broker`` to reuse one already built (tests, the CLI)."""
+    instance = broker or build_broker(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        instance.close()
+
+    app = FastAPI(
+        title="model-credential broker",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Short-lived credentials for one model and one action, "
+        "in exchange for a workload identity token.",
+    )
+    app.state.broker = instance
+    app.add_exception_handler(BrokerError, _broker_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(token.router)
+    app.include_router(admin.router)
+    app.include_router(public.router)
+    if instance.settings.dev:
+        app.include_router(dev.router)
+    return app

@@ -1,0 +1,64 @@
+"""FastAPI dependencies: the broker instance and authenticated callers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import jwt
+from fastapi import Depends, Request
+
+from broker.errors import Forbidden, IdentityRejected, Unauthenticated
+from broker.identity.types import Person, WorkloadIdentity
+from broker.runtime import Broker
+
+
+def get_broker(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
+
+
+BrokerDep = Annotated[Broker, Depends(get_broker)]
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated(
+            "missing bearer token: send 'Authorization: Bearer <your OIDC token>'"
+        )
+    return token.strip()
+
+
+def authenticate_person(request: Request, broker: BrokerDep) -> Person:
+    """The person behind the bearer token (a ``kind: people`` issuer). 401 when it is bad."""
+    try:
+        return broker.verifier.verify_person(bearer_token(request))
+    except IdentityRejected as exc:
+        raise Unauthenticated(f"bearer token rejected: {exc.description}") from None
+
+
+PersonDep = Annotated[Person, Depends(authenticate_person)]
+
+
+def authenticate_any(request: Request, broker: BrokerDep) -> Person | WorkloadIdentity:
+    """A person or a workload from any configured issuer (introspection callers)."""
+    token = bearer_token(request)
+    try:
+        # Routing only: the unverified iss picks which verification to run, never what passes.
+        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        issuer = broker.policy.policy.issuer_by_url(iss) if isinstance(iss, str) else None
+        if issuer is not None and issuer.kind == "people":
+            return broker.verifier.verify_person(token)
+        return broker.verifier.verify_workload(token)
+    except (IdentityRejected, jwt.InvalidTokenError) as exc:
+        text = exc.description if isinstance(exc, IdentityRejected) else "not a JWT"
+        raise Unauthenticated(f"bearer token rejected: {text}") from None
+
+
+def require_role(person: Person, *roles: str) -> None:
+    if not person.has_role(*roles):
+        raise Forbidden(
+            f"{person.subject} of issuer {person.issuer_name} needs role {' or '.join(roles)}; "
+            f"has {sorted(person.roles) or 'none'}"
+        )

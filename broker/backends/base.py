@@ -1,0 +1,73 @@
+"""The backend Protocol and its registry.
+
+A backend turns a committed grant into a credential and revokes it again. Each is chosen by the
+request's ``requested_token_type``; every backend passes the shared conformance tests in
+``tests/backends/test_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from broker.errors import InvalidRequest
+from broker.grants.model import Grant
+
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 (a URN, not a secret)
+TOKEN_TYPE_VAULT = "urn:broker:token-type:vault-token"  # noqa: S105 (a URN, not a secret)
+TOKEN_TYPE_AWS = "urn:broker:token-type:aws-credentials"  # noqa: S105 (a URN, not a secret)
+BACKEND_FOR_TOKEN_TYPE = {TOKEN_TYPE_JWT: "jwt", TOKEN_TYPE_VAULT: "vault", TOKEN_TYPE_AWS: "aws"}
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What a backend hands out. ``access_token`` is secret: it is never logged or stored."""
+
+    access_token: str = field(repr=False)
+    issued_token_type: str
+    token_type: str
+    expires_at: dt.datetime
+    credential_ref: str | None = None
+    """A non-secret handle the backend can revoke by (jti, accessor, lease id)."""
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+class Backend(Protocol):
+    name: str
+    token_type: str
+
+    def issue(self, grant: Grant) -> Credential:
+        """Mint a credential for ``grant``. Raises BackendUnavailable when it cannot."""
+        ...
+
+    def revoke(self, grant: Grant, credential_ref: str | None) -> bool:
+        """Make the credential stop working at the backend; True once the backend confirmed."""
+        ...
+
+
+class BackendRegistry:
+    def __init__(self, backends: Mapping[str, Backend]) -> None:
+        self._backends = dict(backends)
+
+    def names(self) -> list[str]:
+        return sorted(self._backends)
+
+    def get(self, name: str) -> Backend:
+        try:
+            return self._backends[name]
+        except KeyError:
+            raise InvalidRequest(
+                f"backend {name!r} is not enabled on this broker (enabled: {self.names()})"
+            ) from None
+
+    def for_token_type(self, token_type: str) -> Backend:
+        """The backend that issues ``requested_token_type``; InvalidRequest if none does."""
+        name = BACKEND_FOR_TOKEN_TYPE.get(token_type)
+        if name is None:
+            known = ", ".join(BACKEND_FOR_TOKEN_TYPE)
+            raise InvalidRequest(
+                f"requested_token_type {token_type!r} is not supported; use one of {known}"
+            )
+        return self.get(name)

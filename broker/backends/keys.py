@@ -1,0 +1,108 @@
+"""The broker's own signing keys (ES256), persisted in the data dir.
+
+The JWKS publishes the current and the previous key, so a rotation has an overlap: tokens signed
+just before a rotation keep verifying; after a second rotation the oldest key is gone and every
+relying party that refreshes its JWKS stops accepting tokens signed with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from broker.errors import ConfigError
+
+ALGORITHM = "ES256"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+    """The public JWK with ``kid`` = its RFC 7638 thumbprint."""
+    jwk: dict[str, Any] = ECAlgorithm.to_jwk(key, as_dict=True)
+    members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
+    thumb = hashlib.sha256(json.dumps(members, sort_keys=True, separators=(",", ":")).encode())
+    return {**members, "kid": _b64url(thumb.digest()), "use": "sig", "alg": ALGORITHM}
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    private: ec.EllipticCurvePrivateKey
+    jwk: dict[str, Any]
+
+
+def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> SigningKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load signing key {path}: {type(exc).__name__}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ConfigError(f"signing key {path} is not an EC P-256 key")
+    jwk = public_jwk(key.public_key())
+    return SigningKey(kid=jwk["kid"], private=key, jwk=jwk)
+
+
+class KeyRing:
+    """Current and previous signing keys in ``<data_dir>/keys/``."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        current = self._dir / "jwt-current.pem"
+        if not current.exists():
+            _write_private(current, ec.generate_private_key(ec.SECP256R1()))
+        self._reload()
+
+    def _reload(self) -> None:
+        self.current = _load(self._dir / "jwt-current.pem")
+        prev = self._dir / "jwt-previous.pem"
+        self.previous = _load(prev) if prev.exists() else None
+        keys = [self.current] + ([self.previous] if self.previous else [])
+        self._by_kid = {k.kid: k for k in keys}
+        self._jwks = {"keys": [k.jwk for k in keys]}
+
+    def jwks(self) -> dict[str, Any]:
+        return self._jwks
+
+    def public_key(self, kid: str) -> ec.EllipticCurvePublicKey | None:
+        key = self._by_kid.get(kid)
+        return key.private.public_key() if key else None
+
+    def rotate(self) -> tuple[str, str | None]:
+        """Make a new current key; the old current becomes previous and the old previous is
+        deleted. Returns (new kid, retired kid or None)."""
+        with self._lock:
+            retired = self.previous.kid if self.previous else None
+            os.replace(self._dir / "jwt-current.pem", self._dir / "jwt-previous.pem")
+            _write_private(self._dir / "jwt-current.pem", ec.generate_private_key(ec.SECP256R1()))
+            self._reload()
+            return self.current.kid, retired

@@ -1,0 +1,383 @@
+"""The ``broker`` command.
+
+Exit codes scripts can rely on: 0 success; 1 the broker refused (any 4xx: denied, invalid,
+not found, unauthenticated) or a policy decision other than allow; 2 usage or configuration
+error (bad flags, invalid policy file); 3 the broker is unreachable or unavailable (5xx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from broker.client.http import BrokerClient, ClientError
+from broker.errors import BrokerError, ConfigError
+
+EXIT_OK, EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
+DEFAULT_URL = "http://127.0.0.1:8080"
+TOKEN_TYPES = {
+    "jwt": "urn:ietf:params:oauth:token-type:jwt",
+    "vault": "urn:broker:token-type:vault-token",
+    "aws": "urn:broker:token-type:aws-credentials",
+}
+
+
+def _out(args: argparse.Namespace, data: Any, human: Callable[[], str]) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else human())
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fields(data: dict[str, Any]) -> str:
+    width = max(len(k) for k in data)
+    return "\n".join(
+        f"{k.ljust(width)}  {json.dumps(v) if isinstance(v, dict | list) else v}"
+        for k, v in data.items()
+    )
+
+
+def _read_secret(path: str) -> str:
+    """A token from a file, or ``-`` for stdin (never from argv, where ``ps`` would show it)."""
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return text.strip()
+
+
+def _client(args: argparse.Namespace, *, bearer: bool = False) -> BrokerClient:
+    token = None
+    if bearer:
+        if getattr(args, "bearer_file", None):
+            token = _read_secret(args.bearer_file)
+        else:
+            token = os.environ.get("BROKER_TOKEN")
+        if not token:
+            raise ConfigError("this command needs your token: --bearer-file FILE or BROKER_TOKEN")
+    return BrokerClient(args.url, bearer=token)
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from broker.api.app import create_app
+    from broker.settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in {
+            "policy": args.policy,
+            "data_dir": args.data_dir,
+            "host": args.host,
+            "port": args.port,
+        }.items()
+        if v is not None
+    }
+    if args.dev:
+        overrides["dev"] = True
+    settings = Settings(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    resolved = app.state.broker.settings
+    uvicorn.run(app, host=resolved.host, port=resolved.port, log_level="warning", access_log=False)
+    return EXIT_OK
+
+
+def cmd_dev_token(args: argparse.Namespace) -> int:
+    claims: dict[str, str] = {}
+    for item in args.claim or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--claim: expected KEY=VALUE, got {item!r}")
+        claims[key] = value
+    roles = [r for r in args.roles.split(",") if r] if args.roles is not None else None
+    token = _client(args).dev_token(
+        sub=args.sub, claims=claims, aud=args.aud, ttl=_ttl(args.ttl), roles=roles
+    )
+    _out(args, {"token": token}, lambda: token)
+    return EXIT_OK
+
+
+def _ttl(text: str) -> int:
+    from broker.policy.model import parse_duration
+
+    try:
+        return parse_duration(text if not text.isdigit() else int(text))
+    except ValueError as exc:
+        raise ConfigError(f"--ttl: {exc}") from None
+
+
+def cmd_token_exchange(args: argparse.Namespace) -> int:
+    subject_token = _read_secret(args.token)
+    result = _client(args).exchange(
+        subject_token,
+        model=args.model,
+        action=args.action,
+        requested_token_type=TOKEN_TYPES[args.backend],
+        audience=args.audience,
+        reason=args.reason,
+        lineage=args.lineage,
+        approval_id=args.approval_id,
+        requested_ttl=str(_ttl(args.ttl)) if args.ttl else None,
+    )
+    _out(args, result, lambda: str(result["access_token"]))
+    return EXIT_OK
+
+
+def cmd_token_introspect(args: argparse.Namespace) -> int:
+    result = _client(args, bearer=True).introspect(_read_secret(args.token))
+    _out(args, result, lambda: _fields(result))
+    return EXIT_OK if result.get("active") else EXIT_REFUSED
+
+
+GRANT_COLUMNS = ("id", "status", "model", "action", "subject", "backend", "issued_at", "expires_at")
+
+
+def cmd_grants_list(args: argparse.Namespace) -> int:
+    grants = _client(args, bearer=True).list_grants(
+        model=args.model, subject=args.subject, status=args.status, limit=str(args.limit)
+    )
+    _out(args, grants, lambda: _table(grants, GRANT_COLUMNS))
+    return EXIT_OK
+
+
+def cmd_grants_show(args: argparse.Namespace) -> int:
+    grant = _client(args, bearer=True).get_grant(args.grant_id)
+    _out(args, grant, lambda: _fields(grant))
+    return EXIT_OK
+
+
+def cmd_grants_revoke(args: argparse.Namespace) -> int:
+    grant = _client(args, bearer=True).revoke(args.grant_id, args.reason)
+    _out(args, grant, lambda: f"revoked {grant['id']} (backend: {grant['backend_revocation']})")
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    result = _client(args, bearer=True).revoke_matching(
+        args.reason, model=args.model, subject=args.subject, issuer=args.issuer
+    )
+    _out(args, result, lambda: f"revoked {len(result['revoked'])} grant(s)")
+    return EXIT_OK
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    result = _client(args, bearer=True).rotate_keys()
+    _out(args, result, lambda: f"current key {result['kid']}; retired {result['retired_kid']}")
+    return EXIT_OK
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from broker.policy import load_policy
+
+    loaded = load_policy(Path(args.file), dev_mode=args.dev)
+    p = loaded.policy
+    summary = {
+        "file": args.file,
+        "digest": loaded.digest,
+        "issuers": len(p.issuers),
+        "actions": len(p.actions),
+        "models": len(p.models),
+        "rules": len(p.rules),
+    }
+    _out(args, summary, lambda: f"ok {args.file} {loaded.digest}\n" + _fields(summary))
+    return EXIT_OK
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from broker.dev.issuer import DevIssuer
+    from broker.identity.jwks import JWKSCache
+    from broker.identity.verifier import Verifier
+    from broker.policy import Outcome, decide, load_policy
+    from broker.settings import EXAMPLE_POLICY
+
+    policy_file = Path(args.policy) if args.policy else (EXAMPLE_POLICY if args.dev else None)
+    if policy_file is None:
+        raise ConfigError("no policy: pass --policy FILE (or --dev for the example policy)")
+    loaded = load_policy(policy_file, dev_mode=args.dev)
+    static = DevIssuer(Path(args.data_dir), loaded).static_key_sets() if args.dev else None
+    verifier = Verifier(loaded.policy, JWKSCache(static=static), roles_for=loaded.roles_for)
+    identity = verifier.verify_workload(_read_secret(args.token))
+    decision = decide(loaded, identity, args.model, args.action, args.backend)
+    data = {
+        "outcome": str(decision.outcome),
+        "rule": decision.rule,
+        "tier": decision.tier,
+        "ttl_seconds": decision.ttl_seconds,
+        "approvals_required": decision.approvals_required,
+        "issuer": identity.issuer_name,
+        "subject": identity.subject,
+        "reasons": decision.reasons(),
+        "policy_digest": loaded.digest,
+    }
+
+    def human() -> str:
+        head = f"{decision.outcome}: {identity.subject} ({identity.issuer_name}) → "
+        head += f"{args.action} on {args.model} via {args.backend}"
+        if decision.rule:
+            ttl = decision.ttl_seconds
+            head += f"\nmatched rule {decision.rule} (tier {decision.tier}, ttl {ttl}s)"
+        return "\n".join([head, *(f"  - {r}" for r in decision.reasons())])
+
+    _out(args, data, human)
+    return EXIT_OK if decision.outcome is Outcome.ALLOW else EXIT_REFUSED
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, *, url: bool = True, bearer: bool = False) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    if url:
+        p.add_argument(
+            "--url", default=os.environ.get("BROKER_URL", DEFAULT_URL), help="broker base URL"
+        )
+    if bearer:
+        p.add_argument(
+            "--bearer-file", help="file holding your own OIDC token (default: $BROKER_TOKEN)"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description="The model-credential broker.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the broker")
+    p.add_argument("--policy", type=Path)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument(
+        "--dev", action="store_true", help="embedded default with a dev issuer (loopback only)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+    dev = sub.add_parser("dev", help="dev-mode helpers").add_subparsers(
+        dest="dev_cmd", required=True
+    )
+    p = dev.add_parser(
+        "token", help="mint a workload (or, with --roles, person) token from a dev broker"
+    )
+    p.add_argument("--sub", required=True)
+    p.add_argument("--claim", action="append", metavar="KEY=VALUE")
+    p.add_argument("--aud")
+    p.add_argument("--ttl", default="10m")
+    p.add_argument("--roles", help="comma-separated roles: makes a person token")
+    _common(p)
+    p.set_defaults(func=cmd_dev_token)
+
+    tok = sub.add_parser("token", help="exchange and inspect tokens").add_subparsers(
+        dest="token_cmd", required=True
+    )
+    p = tok.add_parser("exchange", help="exchange a workload token for a credential")
+    p.add_argument("--token", required=True, help="file with the workload token, or - for stdin")
+    p.add_argument("--model", required=True)
+    p.add_argument("--action", required=True)
+    p.add_argument("--backend", choices=sorted(TOKEN_TYPES), default="jwt")
+    p.add_argument("--audience")
+    p.add_argument("--reason")
+    p.add_argument("--lineage", help="JSON: datasets, weights, prompts, rollback_point")
+    p.add_argument("--approval-id")
+    p.add_argument("--ttl", help="requested lifetime (capped by the action's max_ttl)")
+    _common(p)
+    p.set_defaults(func=cmd_token_exchange)
+    p = tok.add_parser("introspect", help="is this broker JWT's grant active? (RFC 7662)")
+    p.add_argument("--token", required=True, help="file with the broker JWT, or - for stdin")
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_token_introspect)
+
+    grants = sub.add_parser("grants", help="list, show and revoke grants").add_subparsers(
+        dest="grants_cmd", required=True
+    )
+    p = grants.add_parser("list")
+    p.add_argument("--model")
+    p.add_argument("--subject")
+    p.add_argument("--status", choices=["active", "expired", "revoked"])
+    p.add_argument("--limit", type=int, default=100)
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_grants_list)
+    p = grants.add_parser("show")
+    p.add_argument("grant_id")
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_grants_show)
+    p = grants.add_parser("revoke")
+    p.add_argument("grant_id")
+    p.add_argument("--reason", required=True)
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_grants_revoke)
+
+    p = sub.add_parser("revoke", help="revoke every active grant of a model, subject or issuer")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model")
+    target.add_argument("--subject")
+    target.add_argument("--issuer")
+    p.add_argument("--reason", required=True)
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_revoke)
+
+    keys = sub.add_parser("keys", help="the broker's signing keys").add_subparsers(
+        dest="keys_cmd", required=True
+    )
+    p = keys.add_parser(
+        "rotate", help="new signing key; the previous stays published until the next rotation"
+    )
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_keys_rotate)
+
+    pol = sub.add_parser("policy", help="check and explain policy files").add_subparsers(
+        dest="policy_cmd", required=True
+    )
+    p = pol.add_parser("check", help="validate a policy file")
+    p.add_argument("file")
+    p.add_argument("--dev", action="store_true", help="allow dev issuers")
+    _common(p, url=False)
+    p.set_defaults(func=cmd_policy_check)
+    p = pol.add_parser("explain", help="why would this token get / not get this credential")
+    p.add_argument("--token", required=True, help="file with the workload token, or - for stdin")
+    p.add_argument("--model", required=True)
+    p.add_argument("--action", required=True)
+    p.add_argument("--backend", choices=sorted(TOKEN_TYPES), default="jwt")
+    p.add_argument("--policy")
+    p.add_argument("--dev", action="store_true", help="trust the dev issuer (keys in --data-dir)")
+    p.add_argument("--data-dir", default=os.environ.get("BROKER_DATA_DIR", ".broker"))
+    _common(p, url=False)
+    p.set_defaults(func=cmd_policy_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ClientError as exc:
+        print(f"error: {exc.code}: {exc.description}", file=sys.stderr)
+        unavailable = exc.status is None or exc.status >= 500
+        return EXIT_UNAVAILABLE if unavailable else EXIT_REFUSED
+    except ConfigError as exc:
+        print(f"error: {exc.description}", file=sys.stderr)
+        return EXIT_CONFIG
+    except BrokerError as exc:
+        print(f"error: {exc.code}: {exc.description}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

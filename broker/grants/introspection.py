@@ -1,0 +1,56 @@
+"""RFC 7662 introspection of broker JWTs: is this token's grant active right now?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+
+from broker.backends.keys import ALGORITHM, KeyRing
+from broker.grants.service import GrantService
+
+MAX_TOKEN_BYTES = 16 * 1024
+INACTIVE: dict[str, Any] = {"active": False}
+
+
+def introspect(
+    token: str, *, keys: KeyRing, issuer_url: str, grants: GrantService
+) -> dict[str, Any]:
+    """Introspection response for ``token``. Anything not a live broker JWT is just inactive
+    (RFC 7662 §2.2: no reason is given, so the endpoint leaks nothing about other tokens)."""
+    if len(token) > MAX_TOKEN_BYTES:
+        return INACTIVE
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+        key = keys.public_key(kid) if isinstance(kid, str) else None
+        if key is None:
+            return INACTIVE
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            issuer=issuer_url,
+            # The audience is the relying party's business; we answer for any of ours.
+            options={"verify_aud": False, "require": ["exp", "iat", "jti", "sub", "iss"]},
+        )
+    except jwt.InvalidTokenError:
+        return INACTIVE
+    grant = grants.is_active(str(claims["jti"]))
+    if grant is None or grant.model != claims.get("model") or grant.action != claims.get("action"):
+        return INACTIVE
+    return {
+        "active": True,
+        "scope": grant.action,
+        "token_type": "Bearer",
+        "sub": claims["sub"],
+        "aud": claims.get("aud"),
+        "iss": claims["iss"],
+        "exp": claims["exp"],
+        "iat": claims["iat"],
+        "nbf": claims.get("nbf"),
+        "jti": claims["jti"],
+        "grant_id": grant.id,
+        "model": grant.model,
+        "action": grant.action,
+        "tier": grant.tier,
+    }

@@ -1,0 +1,456 @@
+"""The exchange: verified identity → policy decision → grant + event → credential.
+
+NOTE: the credential is minted before the transaction that records its grant and event, but it
+is handed out only after that transaction committed; if the commit fails the credential is
+dropped unseen and the caller gets 503. Every attempt, allowed or denied, is an event.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from broker.audit.events import append_event, rfc3339
+from broker.backends.base import BackendRegistry, Credential
+from broker.backends.jwt import default_audience
+from broker.errors import (
+    AccessDenied,
+    ApprovalRequired,
+    AuditUnavailable,
+    BrokerError,
+    Conflict,
+    IdentityRejected,
+    InvalidRequest,
+    InvalidTarget,
+    NotFound,
+    TokenReplayed,
+)
+from broker.grants.lineage import parse_lineage
+from broker.grants.model import Grant, GrantStatus
+from broker.identity.types import Person, WorkloadIdentity
+from broker.identity.verifier import Verifier
+from broker.policy import Decision, LoadedPolicy, Outcome, decide
+from broker.store.db import Store
+from broker.store.tables import GrantRow, UsedTokenRow
+
+MAX_REASON_CHARS = 1000
+MAX_REASONS_SHOWN = 5
+MAX_LIST = 1000
+MAX_JTI_CHARS = 200  # the used_tokens.jti column
+
+Clock = Callable[[], dt.datetime]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRequest:
+    """One parsed ``POST /v1/token`` request. ``subject_token`` is secret."""
+
+    subject_token: str
+    model: str
+    action: str
+    token_type: str
+    audience: str | None = None
+    reason: str | None = None
+    lineage: str | None = None
+    approval_id: str | None = None
+    requested_ttl: int | None = None
+
+    def __repr__(self) -> str:
+        return f"ExchangeRequest(model={self.model!r}, action={self.action!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeResult:
+    grant: Grant
+    credential: Credential
+
+
+def _new_grant_id() -> str:
+    return "g_" + secrets.token_hex(12)
+
+
+def _actor(person: Person) -> str:
+    return f"{person.issuer_name}:{person.subject}"
+
+
+class GrantService:
+    """Exchanges, revocations and reads of grants."""
+
+    def __init__(
+        self,
+        *,
+        policy: LoadedPolicy,
+        verifier: Verifier,
+        store: Store,
+        backends: BackendRegistry,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.policy = policy
+        self.verifier = verifier
+        self.store = store
+        self.backends = backends
+        self.clock = clock
+
+    # --- exchange ------------------------------------------------------------------------------
+
+    def exchange(self, req: ExchangeRequest) -> ExchangeResult:
+        """Run one token exchange. Raises a BrokerError subclass for every refusal; the refusal
+        has been recorded as an ``exchange.denied`` event before it is raised."""
+        identity: WorkloadIdentity | None = None
+        try:
+            identity = self.verifier.verify_workload(req.subject_token)
+            if identity.jti is not None and len(identity.jti) > MAX_JTI_CHARS:
+                raise IdentityRejected(f"claim jti: longer than {MAX_JTI_CHARS} characters")
+            return self._allow(identity, req)
+        except AuditUnavailable:
+            raise
+        except TokenReplayed as error:
+            self._record_denial(req, identity, error, consume=False)
+            raise
+        except BrokerError as error:
+            self._record_denial(req, identity, error, consume=True)
+            raise
+
+    def _allow(self, identity: WorkloadIdentity, req: ExchangeRequest) -> ExchangeResult:
+        backend = self.backends.for_token_type(req.token_type)
+        decision = decide(
+            self.policy,
+            identity,
+            req.model,
+            req.action,
+            backend.name,
+            requested_ttl=req.requested_ttl,
+        )
+        if decision.outcome is Outcome.DENY:
+            raise AccessDenied(self._denial_text(identity, decision), reasons=decision.reasons())
+        if decision.outcome is Outcome.APPROVAL_REQUIRED:
+            raise ApprovalRequired(
+                f"action {decision.action} is tier {decision.tier} and needs "
+                f"{decision.approvals_required} approval(s) by other people before a credential "
+                "is issued",
+                rule=decision.rule,
+            )
+        lineage = parse_lineage(req.lineage)
+        audience = self._audience(req, decision)
+        now = self.clock().replace(microsecond=0)
+        claims: dict[str, Any] = {**identity.attributes, **decision.matched_claims}
+        grant = Grant(
+            id=_new_grant_id(),
+            issuer=identity.issuer_name,
+            issuer_url=identity.issuer,
+            subject=identity.subject,
+            identity_claims=claims,
+            model=decision.model,
+            action=decision.action,
+            tier=decision.tier,
+            backend=backend.name,
+            rule=decision.rule or "",
+            policy_digest=self.policy.digest,
+            audience=audience,
+            reason=_clean_reason(req.reason),
+            lineage=lineage,
+            approval_id=req.approval_id,
+            issued_at=now,
+            expires_at=now + dt.timedelta(seconds=decision.ttl_seconds),
+            status=GrantStatus.ACTIVE,
+        )
+        credential = backend.issue(grant)
+        with self.store.write() as session:
+            self._consume(session, identity)
+            session.add(_grant_row(grant, identity, credential))
+            append_event(
+                session,
+                "exchange.allowed",
+                now,
+                {
+                    "identity": _identity_event(identity),
+                    "model": grant.model,
+                    "action": grant.action,
+                    "tier": grant.tier,
+                    "backend": grant.backend,
+                    "rule": grant.rule,
+                    "policy_digest": grant.policy_digest,
+                    "claims": claims,
+                    "audience": audience,
+                    "reason": grant.reason,
+                    "lineage": lineage,
+                    "expires_at": rfc3339(grant.expires_at),
+                    "credential_ref": credential.credential_ref,
+                },
+                grant_id=grant.id,
+            )
+        return ExchangeResult(grant=grant, credential=credential)
+
+    def _audience(self, req: ExchangeRequest, decision: Decision) -> str:
+        default = default_audience(decision.model)
+        if req.audience is None or req.audience == default:
+            return default
+        if decision.backend != "jwt":
+            raise InvalidRequest("audience applies only to broker JWTs")
+        allowed = self.policy.policy.models[decision.model].backends.jwt.audiences
+        if req.audience not in allowed:
+            raise InvalidTarget(
+                f"audience {req.audience!r} is not allowed for model {decision.model}: "
+                f"expected {default!r} or one of {allowed}"
+            )
+        return req.audience
+
+    @staticmethod
+    def _denial_text(identity: WorkloadIdentity, decision: Decision) -> str:
+        head = (
+            f"no rule allows subject {identity.subject!r} of issuer {identity.issuer_name} to "
+            f"{decision.action} model {decision.model} via {decision.backend}"
+        )
+        reasons = decision.reasons()
+        if not reasons:
+            return head + ": the policy has no rules"
+        shown = "; ".join(reasons[:MAX_REASONS_SHOWN])
+        more = len(reasons) - MAX_REASONS_SHOWN
+        return f"{head}: {shown}" + (f" (and {more} more rules)" if more > 0 else "")
+
+    @staticmethod
+    def _consume(session: Session, identity: WorkloadIdentity) -> None:
+        """Spend a single-use token's jti in ``session``'s transaction. Raises TokenReplayed when
+        it was spent before; the primary key makes this atomic across concurrent requests."""
+        if not (identity.single_use and identity.jti) or len(identity.jti) > MAX_JTI_CHARS:
+            return
+        expires = dt.datetime.fromtimestamp(identity.expires_at, dt.UTC)
+        session.add(UsedTokenRow(issuer=identity.issuer_name, jti=identity.jti, expires_at=expires))
+        try:
+            session.flush()
+        except IntegrityError:
+            raise TokenReplayed(
+                f"token replayed: jti {identity.jti!r} of issuer {identity.issuer_name} was "
+                "already exchanged (this issuer allows one exchange per token)"
+            ) from None
+
+    def _record_denial(
+        self,
+        req: ExchangeRequest,
+        identity: WorkloadIdentity | None,
+        error: BrokerError,
+        *,
+        consume: bool,
+    ) -> None:
+        """Record a refused attempt. NOTE: a single-use token is spent by the first attempt that
+        passes verification, whatever the decision, so a refused token cannot be retried."""
+        data: dict[str, Any] = {
+            "error": error.code,
+            "description": error.description,
+            "model": req.model,
+            "action": req.action,
+            "requested_token_type": req.token_type,
+            "identity": _identity_event(identity) if identity else None,
+        }
+        now = self.clock()
+        try:
+            with self.store.write() as session:
+                if consume and identity is not None:
+                    self._consume(session, identity)
+                append_event(session, "exchange.denied", now, data)
+        except TokenReplayed as replay:
+            self._record_denial(req, identity, replay, consume=False)
+            raise replay from None
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def get(self, grant_id: str) -> Grant:
+        with self.store.read() as session:
+            row = session.get(GrantRow, grant_id)
+            if row is None:
+                raise NotFound(f"grant {grant_id!r} not found")
+            return Grant.from_row(row, self.clock())
+
+    def find(
+        self,
+        *,
+        model: str | None = None,
+        subject: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+    ) -> list[Grant]:
+        """Grants, newest first, filtered; ``status`` is active, expired or revoked."""
+        now = self.clock()
+        query = select(GrantRow).order_by(GrantRow.issued_at.desc(), GrantRow.id)
+        if model:
+            query = query.where(GrantRow.model == model)
+        if subject:
+            query = query.where(GrantRow.subject == subject)
+        if status:
+            query = query.where(_status_clause(status, now))
+        query = query.limit(max(1, min(limit, MAX_LIST)))
+        with self.store.read() as session:
+            return [Grant.from_row(row, now) for row in session.scalars(query)]
+
+    def is_active(self, grant_id: str) -> Grant | None:
+        """The grant when it is active now, else None (introspection's question)."""
+        with self.store.read() as session:
+            row = session.get(GrantRow, grant_id)
+            if row is None:
+                return None
+            grant = Grant.from_row(row, self.clock())
+        return grant if grant.status is GrantStatus.ACTIVE else None
+
+    # --- revocation ----------------------------------------------------------------------------
+
+    def revoke(self, grant_id: str, actor: Person, reason: str) -> Grant:
+        """Revoke one active grant and tell its backend. Conflict when it is not active.
+        A revoked grant is never re-activated: rows are only updated ``WHERE status='active'``."""
+        now = self.clock()
+        with self.store.write() as session:
+            row = session.get(GrantRow, grant_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"grant {grant_id!r} not found")
+            current = Grant.from_row(row, now)
+            if current.status is not GrantStatus.ACTIVE:
+                when = current.revoked_at or current.expires_at
+                raise Conflict(f"grant {grant_id} is already {current.status} (since {when})")
+            self._mark_revoked(session, row, actor, reason, now)
+        return self._revoke_at_backend(grant_id)
+
+    def revoke_matching(
+        self,
+        *,
+        actor: Person,
+        reason: str,
+        model: str | None = None,
+        subject: str | None = None,
+        issuer: str | None = None,
+    ) -> list[str]:
+        """Bulk revocation of every active grant of a model, subject or issuer (name)."""
+        if [model, subject, issuer].count(None) != 2:
+            raise InvalidRequest("give exactly one of model, subject and issuer")
+        now = self.clock()
+        column, value = next(
+            (c, v)
+            for c, v in (
+                (GrantRow.model, model),
+                (GrantRow.subject, subject),
+                (GrantRow.issuer, issuer),
+            )
+            if v is not None
+        )
+        query = select(GrantRow).where(column == value, _status_clause("active", now))
+        with self.store.write() as session:
+            rows = list(session.scalars(query.with_for_update()))
+            for row in rows:
+                self._mark_revoked(session, row, actor, reason, now)
+            ids = [row.id for row in rows]
+        for grant_id in ids:
+            self._revoke_at_backend(grant_id)
+        return ids
+
+    @staticmethod
+    def _mark_revoked(
+        session: Session, row: GrantRow, actor: Person, reason: str, now: dt.datetime
+    ) -> None:
+        row.status = GrantStatus.REVOKED
+        row.revoked_at = now
+        row.revoked_by = _actor(actor)
+        row.revoke_reason = _clean_reason(reason)
+        row.backend_revocation = "pending"
+        append_event(
+            session,
+            "grant.revoked",
+            now,
+            {
+                "actor": {"issuer": actor.issuer_name, "subject": actor.subject},
+                "reason": row.revoke_reason,
+                "model": row.model,
+                "action": row.action,
+                "backend": row.backend,
+                "subject": row.subject,
+            },
+            grant_id=row.id,
+        )
+
+    def _revoke_at_backend(self, grant_id: str) -> Grant:
+        with self.store.read() as session:
+            row = session.get(GrantRow, grant_id)
+            assert row is not None
+            grant, ref = Grant.from_row(row, self.clock()), row.credential_ref
+        try:
+            confirmed = self.backends.get(grant.backend).revoke(grant, ref)
+        except BrokerError:
+            confirmed = False
+        outcome = "confirmed" if confirmed else "failed"
+        now = self.clock()
+        with self.store.write() as session:
+            row = session.get(GrantRow, grant_id, with_for_update=True)
+            assert row is not None
+            row.backend_revocation = outcome
+            append_event(
+                session,
+                f"grant.backend_revocation_{outcome}",
+                now,
+                {"backend": row.backend, "credential_ref": row.credential_ref},
+                grant_id=grant_id,
+            )
+            return Grant.from_row(row, now)
+
+
+def _status_clause(status: str, now: dt.datetime) -> Any:
+    if status == "active":
+        return and_(GrantRow.status == "active", GrantRow.expires_at > now)
+    if status == "expired":
+        return or_(
+            GrantRow.status == "expired",
+            and_(GrantRow.status == "active", GrantRow.expires_at <= now),
+        )
+    if status == "revoked":
+        return GrantRow.status == "revoked"
+    raise InvalidRequest(f"status: expected one of active, expired, revoked; got {status!r}")
+
+
+def _clean_reason(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    reason = reason.strip()
+    if len(reason) > MAX_REASON_CHARS:
+        raise InvalidRequest(f"reason is longer than {MAX_REASON_CHARS} characters")
+    return reason or None
+
+
+def _identity_event(identity: WorkloadIdentity) -> dict[str, Any]:
+    return {
+        "issuer": identity.issuer_name,
+        "issuer_url": identity.issuer,
+        "subject": identity.subject,
+        "jti": identity.jti,
+    }
+
+
+def _grant_row(grant: Grant, identity: WorkloadIdentity, credential: Credential) -> GrantRow:
+    return GrantRow(
+        id=grant.id,
+        issuer=grant.issuer,
+        issuer_url=grant.issuer_url,
+        subject=grant.subject,
+        identity_claims=grant.identity_claims,
+        subject_jti=identity.jti,
+        model=grant.model,
+        action=grant.action,
+        tier=grant.tier,
+        backend=grant.backend,
+        rule=grant.rule,
+        policy_digest=grant.policy_digest,
+        audience=grant.audience,
+        reason=grant.reason,
+        lineage=grant.lineage,
+        approval_id=grant.approval_id,
+        issued_at=grant.issued_at,
+        expires_at=grant.expires_at,
+        status=str(GrantStatus.ACTIVE),
+        credential_ref=credential.credential_ref,
+    )

@@ -1,0 +1,100 @@
+"""Builds every part of a broker from settings, once, for the API and the CLI."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from broker.backends.base import BackendRegistry
+from broker.backends.jwt import JwtBackend
+from broker.backends.keys import KeyRing
+from broker.dev.issuer import DevIssuer
+from broker.errors import ConfigError
+from broker.grants.service import GrantService
+from broker.identity.jwks import JWKSCache
+from broker.identity.verifier import Verifier
+from broker.policy import LoadedPolicy, load_policy
+from broker.settings import Settings
+from broker.store.db import Store
+
+log = logging.getLogger("broker")
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this broker's own (no process globals)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.exchanges = Counter(
+            "broker_exchanges",
+            "Token exchanges by outcome (issued, or the error code)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "broker_exchange_seconds",
+            "Time to answer POST /v1/token",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+
+
+@dataclass
+class Broker:
+    settings: Settings
+    policy: LoadedPolicy
+    store: Store
+    keys: KeyRing
+    verifier: Verifier
+    grants: GrantService
+    metrics: Metrics
+    dev_issuer: DevIssuer | None
+
+    @property
+    def issuer_url(self) -> str:
+        return str(self.settings.issuer_url)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def prepare_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create data dir {path}: {exc.strerror}") from exc
+
+
+def build_broker(settings: Settings) -> Broker:
+    """Load the policy, open and migrate the store, load keys. Raises ConfigError/PolicyError."""
+    settings = settings.resolved()
+    assert settings.policy is not None and settings.database_url is not None
+    prepare_data_dir(settings.data_dir)
+    policy = load_policy(settings.policy, dev_mode=settings.dev)
+    store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    store.migrate()
+    keys = KeyRing(settings.data_dir / "keys")
+    dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
+    jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
+    verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
+    backends = BackendRegistry({"jwt": JwtBackend(keys, str(settings.issuer_url))})
+    grants = GrantService(policy=policy, verifier=verifier, store=store, backends=backends)
+    if settings.dev:
+        log.warning(
+            "DEV MODE: a built-in issuer hands out workload and admin tokens to anyone who can "
+            "reach %s. Never use --dev for real credentials.",
+            settings.issuer_url,
+        )
+    return Broker(
+        settings=settings,
+        policy=policy,
+        store=store,
+        keys=keys,
+        verifier=verifier,
+        grants=grants,
+        metrics=Metrics(),
+        dev_issuer=dev_issuer,
+    )

@@ -1,0 +1,58 @@
+"""Broker settings from flags and ``BROKER_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.errors import ConfigError
+from broker.store.db import sqlite_url
+
+EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "examples" / "policy.yaml"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
+
+    policy: Path | None = None
+    data_dir: Path = Path(".broker")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    database_url: str | None = None
+    issuer_url: str | None = None
+    dev: bool = False
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+    def resolved(self) -> Settings:
+        """Fill derived defaults and refuse unsafe combinations. Raises ConfigError."""
+        policy = self.policy
+        if policy is None:
+            if not self.dev:
+                raise ConfigError("no policy: pass --policy FILE or set BROKER_POLICY")
+            policy = EXAMPLE_POLICY
+        if self.dev and not is_loopback(self.host):
+            raise ConfigError(
+                f"--dev refuses to bind {self.host}: dev mode hands out tokens for any identity, "
+                "so it listens on loopback only (127.0.0.1, ::1)"
+            )
+        issuer_url = (self.issuer_url or f"http://{self.host}:{self.port}").rstrip("/")
+        return self.model_copy(
+            update={
+                "policy": policy,
+                "issuer_url": issuer_url,
+                "database_url": self.database_url or sqlite_url(self.data_dir),
+            }
+        )

@@ -1,0 +1,103 @@
+"""Shared fixtures: a dev-mode broker in a temporary data dir, and a live HTTP server for it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from broker.api.app import create_app
+from broker.runtime import Broker, build_broker
+from broker.settings import EXAMPLE_POLICY, Settings
+
+EVAL_SUB = "repo:acme/evals:ref:refs/heads/main"
+EVAL_WORKFLOW = "acme/workflows/.github/workflows/eval.yml@refs/heads/main"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def broker(data_dir: Path) -> Iterator[Broker]:
+    b = build_broker(Settings(dev=True, data_dir=data_dir, policy=EXAMPLE_POLICY, port=8080))
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def client(broker: Broker) -> Iterator[TestClient]:
+    with TestClient(create_app(broker=broker)) as c:
+        yield c
+
+
+def eval_token(broker: Broker, **overrides: object) -> str:
+    """A dev workload token that the example policy's dev-nightly-eval rule allows."""
+    assert broker.dev_issuer is not None
+    claims = {"job_workflow_ref": EVAL_WORKFLOW}
+    claims.update(overrides.pop("claims", {}))  # type: ignore[arg-type]
+    return broker.dev_issuer.mint(
+        sub=str(overrides.pop("sub", EVAL_SUB)), claims=claims, **overrides
+    )  # type: ignore[arg-type]
+
+
+def person_token(broker: Broker, *roles: str, sub: str = "alice@example.com") -> str:
+    assert broker.dev_issuer is not None
+    return broker.dev_issuer.mint(sub=sub, roles=list(roles))
+
+
+def exchange_form(
+    token: str, *, model: str = "llama-7b", action: str = "evaluate", **extra: str
+) -> dict[str, str]:
+    return {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "resource": f"model:{model}",
+        "scope": action,
+        **extra,
+    }
+
+
+class LiveServer:
+    """uvicorn serving an app on a free loopback port in a thread; stopped by the fixture."""
+
+    def __init__(self, app: object, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")  # type: ignore[arg-type]
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("broker did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_broker(data_dir: Path) -> Iterator[tuple[LiveServer, Broker]]:
+    port = free_port()
+    b = build_broker(Settings(dev=True, data_dir=data_dir, policy=EXAMPLE_POLICY, port=port))
+    with LiveServer(create_app(broker=b), port) as server:
+        yield server, b

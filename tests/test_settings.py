@@ -1,0 +1,46 @@
+"""Dev mode is loopback-only and unreachable outside --dev."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from broker.api.app import create_app
+from broker.errors import ConfigError, PolicyError
+from broker.settings import EXAMPLE_POLICY, Settings
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "example.com", "::"])
+def test_dev_mode_refuses_non_loopback_binds(host: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        Settings(dev=True, host=host, data_dir=tmp_path).resolved()
+
+
+def test_dev_mode_allows_loopback(tmp_path: Path) -> None:
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert Settings(dev=True, host=host, data_dir=tmp_path).resolved().dev
+
+
+def test_example_policy_is_refused_outside_dev_mode(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="--dev"):
+        create_app(Settings(policy=EXAMPLE_POLICY, data_dir=tmp_path))
+
+
+def test_no_dev_routes_outside_dev_mode(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "issuers:\n"
+        "  - {name: ci, issuer: 'https://ci.example.com', audiences: [model-broker], jwks_uri: 'https://ci.example.com/jwks'}\n"
+        "actions:\n  evaluate: {tier: low, max_ttl: 1h}\n"
+        "models:\n  m: {}\n"
+    )
+    with TestClient(create_app(Settings(policy=policy, data_dir=tmp_path / "d"))) as client:
+        assert client.post("/dev/token", json={"sub": "x"}).status_code == 404
+        assert client.get("/healthz").status_code == 200
+
+
+def test_serving_without_a_policy_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="policy"):
+        Settings(data_dir=tmp_path).resolved()
