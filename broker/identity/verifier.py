@@ -1,0 +1,407 @@
+"""Verification of workload and people identity tokens (RFC 7519 JWTs under RFC 8725's rules).
+
+The only code that makes a :class:`WorkloadIdentity` or a :class:`Person`. Checks run in this
+order, cheapest and most dangerous first, and the first failure rejects the token
+(``docs/identity.md`` explains each):
+
+1. size (``MAX_TOKEN_BYTES``) and shape: compact JWS, three base64url segments;
+2. header: ``alg`` (never ``none``, never ``HS*``), no key-carrying or URL parameters, no ``crit``,
+   a well-formed ``kid``, a non-empty signature;
+3. issuer chosen by the unverified ``iss``; it must be trusted and of the kind the call needs;
+   the profile's header rules; ``alg`` in the issuer's allow-list;
+4. key from the :class:`KeySource`, bound to the token's ``alg``;
+5. signature, ``iss`` and the required claims (PyJWT, options in ``_DECODE_OPTIONS``);
+6. ``aud`` (every value ours), ``exp``/``nbf``/``iat`` against the clock, ``jti`` if single-use;
+7. profile claims (workloads) or roles (people).
+
+Nothing here does I/O: keys come from the injected :class:`KeySource`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import jwt
+
+from broker.errors import IdentityRejected
+from broker.identity import profiles
+from broker.identity.types import Person, WorkloadIdentity, _seal_person, _seal_workload
+from broker.policy.model import IssuerConfig, IssuerKind, Policy
+
+MAX_TOKEN_BYTES = 16 * 1024
+LEEWAY_SECONDS = 30
+
+MAX_KID_LENGTH = 128
+_KID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_KID_LENGTH}}}")
+# NOTE: compact JWS segments are unpadded base64url (RFC 7515 §2); anything else, including
+# '=' padding or whitespace, is refused rather than silently skipped by a lenient decoder.
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+
+# NOTE: these header parameters name or carry a key. Honouring them would let the token choose
+# its own key (RFC 8725 §3.10), so keys come only from the issuer's configured key source.
+FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "x5t", "x5t#S256")
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat")
+
+# Every PyJWT decode option, spelled out so that no library default decides for us.
+_DECODE_OPTIONS: jwt.types.Options = {
+    # The point of the exercise; algorithms=[header alg], already checked against the issuer.
+    "verify_signature": True,
+    # `iss` must equal the configured issuer URL exactly (we chose the issuer by it, unverified).
+    "verify_iss": True,
+    # `sub` must be a string; rules match its value, the verifier does not expect one.
+    "verify_sub": True,
+    # `jti`, when present, must be a string (single-use issuers also require it, below).
+    "verify_jti": True,
+    "require": list(REQUIRED_CLAIMS),
+    # NOTE: PyJWT accepts an `aud` list that merely contains one of ours. We require *every*
+    # value to be ours, so a token also addressed to another service is refused: _check_audience.
+    "verify_aud": False,
+    "strict_aud": False,
+    # PyJWT compares exp/nbf/iat with the wall clock it reads itself; we check them in
+    # _check_times against the verifier's clock with LEEWAY_SECONDS, so there is one notion of now.
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    # NOTE: refuse weak keys (RSA < 2048 bits) instead of warning.
+    "enforce_minimum_key_length": True,
+}
+
+
+class KeySource(Protocol):
+    """Where the verifier gets an issuer's public keys (see :class:`broker.identity.JWKSCache`)."""
+
+    def key_for(self, issuer: IssuerConfig, kid: str | None) -> jwt.PyJWK:
+        """The issuer's key with this ``kid``; raises :class:`IdentityRejected` if none fits."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Trusted:
+    """An issuer with its allow-lists precomputed for the hot path."""
+
+    config: IssuerConfig
+    algorithms: frozenset[str]
+    audiences: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    trusted: _Trusted
+    claims: dict[str, Any]
+    audience: tuple[str, ...]
+
+
+def _show(value: object, limit: int = 120) -> str:
+    """A claim or header value for an error message: repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def _iso(seconds: float) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return str(seconds)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            # NOTE: with duplicate names, parsers disagree on which value wins; refuse.
+            raise IdentityRejected(f"duplicate member {_show(key)} in the token")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> None:
+    # NOTE: NaN and Infinity are not JSON (RFC 8259); an `exp` of Infinity would never expire.
+    raise IdentityRejected(f"{name} is not a JSON number")
+
+
+def _decode_segment(segment: str, name: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(
+            raw, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except (binascii.Error, ValueError, RecursionError):
+        raise IdentityRejected(f"token {name} is not base64url-encoded JSON") from None
+    if not isinstance(value, dict):
+        raise IdentityRejected(f"token {name} is not a JSON object")
+    return value
+
+
+def _split(token: object) -> tuple[str, str, str]:
+    """Size and shape checks, before any parsing."""
+    if not isinstance(token, str):
+        raise IdentityRejected("token must be a string")
+    # NOTE: cap the size first: everything after this line costs work an attacker chooses.
+    if len(token) > MAX_TOKEN_BYTES or not token.isascii():
+        size = len(token.encode("utf-8", "replace"))
+        if size > MAX_TOKEN_BYTES:
+            raise IdentityRejected(f"token is {size} bytes; the limit is {MAX_TOKEN_BYTES}")
+        raise IdentityRejected("token contains non-ASCII characters")
+    if token.startswith("{"):
+        raise IdentityRejected(
+            "JWS JSON serialisation is not accepted; send the compact form (header.payload.sig)"
+        )
+    segments = token.split(".")
+    if len(segments) == 5:
+        raise IdentityRejected("JWE is not accepted (5 segments); send a signed JWT (JWS)")
+    if len(segments) != 3:
+        raise IdentityRejected(
+            f"token is not a compact JWS: expected 3 segments, got {len(segments)}"
+        )
+    for name, segment in zip(("header", "payload", "signature"), segments, strict=True):
+        if not _SEGMENT.fullmatch(segment):
+            raise IdentityRejected(f"token {name} is not base64url (RFC 7515, unpadded)")
+    return segments[0], segments[1], segments[2]
+
+
+def _check_header(header: Mapping[str, Any]) -> tuple[str, str | None]:
+    """Issuer-independent header rules; returns (alg, kid)."""
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise IdentityRejected("header alg is required")
+    if alg.lower() == "none":
+        # NOTE: RFC 8725 §3.1: an unsigned token proves nothing, in any spelling.
+        raise IdentityRejected(f"header alg {_show(alg)}: unsigned tokens are never accepted")
+    if alg.upper().startswith("HS"):
+        # NOTE: RFC 8725 §2.1: an HMAC "signed" with our issuer's public key is a forgery.
+        raise IdentityRejected(
+            f"header alg {_show(alg)}: symmetric (HMAC) algorithms are never accepted"
+        )
+    for name in FORBIDDEN_HEADERS:
+        if name in header:
+            raise IdentityRejected(
+                f"header {name!r} is not accepted: keys come only from the issuer's configured "
+                "key source, never from the token"
+            )
+    if "crit" in header:
+        # NOTE: RFC 7515 §4.1.11: we must refuse extensions we do not understand, and we
+        # understand none (PyJWT's b64 support included).
+        raise IdentityRejected(
+            f"header crit {_show(header['crit'])}: no critical extensions are supported"
+        )
+    kid = header.get("kid")
+    if kid is not None and not (isinstance(kid, str) and _KID.fullmatch(kid)):
+        raise IdentityRejected(
+            f"header kid: expected 1 to {MAX_KID_LENGTH} characters of [A-Za-z0-9._-], "
+            f"got {_show(kid)}"
+        )
+    return alg, kid
+
+
+def _check_audience(trusted: _Trusted, claims: Mapping[str, Any]) -> tuple[str, ...]:
+    aud = claims["aud"]
+    values = [aud] if isinstance(aud, str) else aud
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, str) and v for v in values)
+    ):
+        raise IdentityRejected(
+            f"claim aud: expected a non-empty string or list of strings, got {_show(aud)}"
+        )
+    foreign = [v for v in values if v not in trusted.audiences]
+    if foreign:
+        # NOTE: an extra audience means the token is also meant for someone else, who could
+        # replay it here; every value must be ours (RFC 8725 §3.9).
+        raise IdentityRejected(
+            f"claim aud: expected one of {sorted(trusted.audiences)}, got {values} "
+            f"(not ours: {foreign})"
+        )
+    return tuple(values)
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float:
+    value = claims[name]
+    try:
+        seconds = float(value) if isinstance(value, int | float) else math.nan
+    except OverflowError:  # an integer beyond any float
+        seconds = math.inf
+    if isinstance(value, bool) or not math.isfinite(seconds):
+        raise IdentityRejected(
+            f"claim {name}: expected a finite number of seconds since the epoch, "
+            f"got {type(value).__name__}"
+        )
+    return seconds
+
+
+def _check_times(claims: Mapping[str, Any], now: float) -> None:
+    """exp, nbf and iat against ``now``, with LEEWAY_SECONDS either way."""
+    exp = _number(claims, "exp")
+    iat = _number(claims, "iat")
+    when = f"(now {_iso(now)}, leeway {LEEWAY_SECONDS}s)"
+    if exp <= now - LEEWAY_SECONDS:
+        raise IdentityRejected(f"token expired at {_iso(exp)} {when}")
+    if claims.get("nbf") is not None:
+        nbf = _number(claims, "nbf")
+        if nbf > now + LEEWAY_SECONDS:
+            raise IdentityRejected(f"token is not valid before {_iso(nbf)} {when}")
+    if iat > now + LEEWAY_SECONDS:
+        raise IdentityRejected(f"claim iat: token issued in the future at {_iso(iat)} {when}")
+
+
+class Verifier:
+    """Verifies identity tokens against a policy's issuers.
+
+    ``keys`` supplies issuer public keys; ``roles_for`` maps the values of a people issuer's
+    ``roles_claim`` to broker roles; ``clock`` is "now" in seconds since the epoch.
+    Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        keys: KeySource,
+        *,
+        roles_for: Callable[[Iterable[str]], frozenset[str]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._keys = keys
+        self._roles_for = roles_for
+        self._clock = clock
+        self._issuers: dict[str, _Trusted] = {
+            i.issuer: _Trusted(i, frozenset(i.algorithms), frozenset(i.audiences))
+            for i in policy.issuers
+        }
+
+    def verify_workload(self, token: str) -> WorkloadIdentity:
+        """Verify a workload identity token from a ``kind: workload`` issuer.
+
+        Returns the sealed identity with the profile's ``attributes`` and all claims flattened.
+        Raises :class:`IdentityRejected` naming the first check that failed.
+        """
+        verified = self._verify(token, "workload")
+        config = verified.trusted.config
+        claims = verified.claims
+        subject: str = claims["sub"]
+        profile = config.effective_profile
+        attributes = profiles.workload_attributes(profile, subject, claims)
+        flat = profiles.flatten_claims(claims)
+        return _seal_workload(
+            issuer_name=config.name,
+            issuer=config.issuer,
+            subject=subject,
+            profile=profile,
+            claims=flat,
+            attributes=attributes,
+            audience=verified.audience,
+            issued_at=int(claims["iat"]),
+            expires_at=int(claims["exp"]),
+            jti=claims.get("jti"),
+            single_use=config.single_use,
+        )
+
+    def verify_person(self, token: str) -> Person:
+        """Verify a person's token from a ``kind: people`` issuer.
+
+        Roles are ``roles_for`` of the values of the issuer's ``roles_claim`` (a string or a
+        list of strings; missing means no roles). Raises :class:`IdentityRejected`.
+        """
+        verified = self._verify(token, "people")
+        config = verified.trusted.config
+        assert config.roles_claim is not None  # the policy schema requires it for people
+        groups = verified.claims.get(config.roles_claim)
+        if groups is None:
+            groups = []
+        elif isinstance(groups, str):
+            groups = [groups]
+        elif not (isinstance(groups, list) and all(isinstance(g, str) for g in groups)):
+            raise IdentityRejected(
+                f"claim {config.roles_claim}: expected a string or a list of strings, "
+                f"got {type(groups).__name__}"
+            )
+        return _seal_person(
+            issuer_name=config.name,
+            issuer=config.issuer,
+            subject=verified.claims["sub"],
+            roles=self._roles_for(groups),
+            expires_at=int(verified.claims["exp"]),
+        )
+
+    def _verify(self, token: str, kind: IssuerKind) -> _Verified:
+        header_b64, payload_b64, signature_b64 = _split(token)
+        header = _decode_segment(header_b64, "header")
+        alg, kid = _check_header(header)
+        if not signature_b64:
+            raise IdentityRejected("signature is empty: unsigned tokens are never accepted")
+        unverified = _decode_segment(payload_b64, "payload")
+        trusted = self._issuer(unverified, kind)
+        config = trusted.config
+        profiles.check_header(config.effective_profile, header)
+        if alg not in trusted.algorithms:
+            raise IdentityRejected(
+                f"header alg {_show(alg)} is not allowed for issuer {config.name!r} "
+                f"(allowed: {', '.join(config.algorithms)})"
+            )
+        key = self._keys.key_for(config, kid)
+        claims = self._decode(token, key, alg, kid, config)
+        subject = claims["sub"]
+        if not subject:
+            raise IdentityRejected("claim sub: expected a non-empty string")
+        audience = _check_audience(trusted, claims)
+        _check_times(claims, self._clock())
+        if config.single_use and not claims.get("jti"):
+            raise IdentityRejected(
+                f"claim jti is required: issuer {config.name!r} is single_use "
+                "(each token may be exchanged once)"
+            )
+        return _Verified(trusted, claims, audience)
+
+    def _issuer(self, unverified: Mapping[str, Any], kind: IssuerKind) -> _Trusted:
+        iss = unverified.get("iss")
+        if not isinstance(iss, str) or not iss:
+            raise IdentityRejected("claim iss is required")
+        trusted = self._issuers.get(iss)
+        if trusted is None:
+            raise IdentityRejected(f"issuer {_show(iss)} is not trusted")
+        if trusted.config.kind != kind:
+            raise IdentityRejected(
+                f"issuer {trusted.config.name!r} issues {trusted.config.kind} tokens; "
+                f"a {kind} token is needed here"
+            )
+        return trusted
+
+    @staticmethod
+    def _decode(
+        token: str, key: jwt.PyJWK, alg: str, kid: str | None, config: IssuerConfig
+    ) -> dict[str, Any]:
+        key_name = repr(kid) if kid is not None else "(no kid)"
+        if key.algorithm_name != alg:
+            # NOTE: RFC 8725 §3.1: a key is used with one algorithm only (the JWK's `alg`, or
+            # the default for its type), so a token cannot pick another one for it.
+            raise IdentityRejected(
+                f"key {key_name} of issuer {config.name!r} is for {key.algorithm_name}; "
+                f"the token says {alg}"
+            )
+        try:
+            return jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                options=_DECODE_OPTIONS,
+                issuer=config.issuer,
+            )
+        except jwt.InvalidSignatureError:
+            raise IdentityRejected(f"signature does not verify with key {key_name}") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise IdentityRejected(f"claim {e.claim} is required") from None
+        except jwt.InvalidIssuerError:
+            raise IdentityRejected(f"claim iss: expected {config.issuer!r}") from None
+        except jwt.InvalidKeyError as e:
+            raise IdentityRejected(f"key {key_name} of issuer {config.name!r}: {e}") from None
+        except jwt.PyJWTError as e:
+            # Subject/jti type errors and decode errors; PyJWT's texts never contain the token.
+            raise IdentityRejected(f"token rejected: {e}") from None
