@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from broker.audit.log import AuditLog
 from broker.backends.base import BackendRegistry
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
@@ -51,14 +55,46 @@ class Broker:
     verifier: Verifier
     grants: GrantService
     metrics: Metrics
+    audit: AuditLog
     dev_issuer: DevIssuer | None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _worker: threading.Thread | None = None
 
     @property
     def issuer_url(self) -> str:
         return str(self.settings.issuer_url)
 
+    def maintain(self) -> None:
+        """One round of housekeeping: mark expired grants, sign a checkpoint if the log grew."""
+        self.grants.expire_due()
+        with self.store.write() as session:
+            self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+
+    def start_maintenance(self) -> None:
+        """Run :meth:`maintain` every ``checkpoint_interval`` seconds in a daemon thread, so a
+        checkpoint is never older than that bound while the log grows."""
+
+        def loop() -> None:
+            while not self._stop.wait(self.settings.checkpoint_interval):
+                try:
+                    self.maintain()
+                except Exception:  # keep the loop alive; the next round retries
+                    log.exception("maintenance round failed")
+
+        self._worker = threading.Thread(target=loop, name="broker-maintenance", daemon=True)
+        self._worker.start()
+
     def close(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=10)
         self.store.close()
+
+
+def audit_origin(issuer_url: str) -> str:
+    """The checkpoint origin (and note key name): the broker's host and path, plus /audit."""
+    parts = urlsplit(issuer_url)
+    return f"{parts.netloc}{parts.path.rstrip('/')}/audit"
 
 
 def prepare_data_dir(path: Path) -> None:
@@ -77,11 +113,21 @@ def build_broker(settings: Settings) -> Broker:
     store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     store.migrate()
     keys = KeyRing(settings.data_dir / "keys")
+    audit = AuditLog.from_data_dir(settings.data_dir, audit_origin(str(settings.issuer_url)))
     dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
     jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
     verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
     backends = BackendRegistry({"jwt": JwtBackend(keys, str(settings.issuer_url))})
-    grants = GrantService(policy=policy, verifier=verifier, store=store, backends=backends)
+    grants = GrantService(
+        policy=policy, verifier=verifier, store=store, backends=backends, audit=audit
+    )
+    with store.write() as session:
+        audit.append(
+            session,
+            "policy.loaded",
+            dt.datetime.now(dt.UTC),
+            {"digest": policy.digest, "source": policy.source, "dev": settings.dev},
+        )
     if settings.dev:
         log.warning(
             "DEV MODE: a built-in issuer hands out workload and admin tokens to anyone who can "
@@ -96,5 +142,6 @@ def build_broker(settings: Settings) -> Broker:
         verifier=verifier,
         grants=grants,
         metrics=Metrics(),
+        audit=audit,
         dev_issuer=dev_issuer,
     )

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     issuer_url: str | None = None
     dev: bool = False
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    checkpoint_interval: float = Field(default=60.0, gt=0)
+    """Seconds between maintenance rounds: expiry sweep and a new checkpoint if the log grew."""
 
     def resolved(self) -> Settings:
         """Fill derived defaults and refuse unsafe combinations. Raises ConfigError."""

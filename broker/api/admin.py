@@ -9,7 +9,6 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api.deps import BrokerDep, PersonDep, require_role
-from broker.audit.events import append_event
 
 router = APIRouter(prefix="/v1", tags=["admin"])
 
@@ -69,16 +68,20 @@ def rotate_keys(broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
     """New current signing key; the old current stays published as previous, the old previous
     is retired (tokens it signed stop verifying at relying parties that refresh their JWKS)."""
     require_role(person, "admin")
+    new = broker.keys.new_key()
+    retired = broker.keys.previous.kid if broker.keys.previous else None
     with broker.store.write() as session:
-        new_kid, retired = broker.keys.rotate()
-        append_event(
+        # The event first: if it cannot be recorded the new key is never installed.
+        broker.audit.append(
             session,
             "signing_key.rotated",
             dt.datetime.now(dt.UTC),
             {
                 "actor": {"issuer": person.issuer_name, "subject": person.subject},
-                "kid": new_kid,
+                "kid": new.kid,
                 "retired_kid": retired,
             },
         )
-    return {"kid": new_kid, "retired_kid": retired}
+        session.flush()
+        broker.keys.rotate(new)
+    return {"kid": new.kid, "retired_kid": retired}

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from broker.api import admin, dev, public, token
+from broker.api import admin, audit, dev, public, token
 from broker.errors import BrokerError, Unauthenticated
 from broker.runtime import Broker, build_broker
 from broker.settings import Settings
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        instance.start_maintenance()
         yield
         instance.close()
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(token.router)
     app.include_router(admin.router)
+    app.include_router(audit.router)
     app.include_router(public.router)
     if instance.settings.dev:
         app.include_router(dev.router)

@@ -97,12 +97,17 @@ class KeyRing:
         key = self._by_kid.get(kid)
         return key.private.public_key() if key else None
 
-    def rotate(self) -> tuple[str, str | None]:
-        """Make a new current key; the old current becomes previous and the old previous is
-        deleted. Returns (new kid, retired kid or None)."""
+    @staticmethod
+    def new_key() -> SigningKey:
+        """A fresh key, not yet installed (so its kid can be logged before it is used)."""
+        private = ec.generate_private_key(ec.SECP256R1())
+        jwk = public_jwk(private.public_key())
+        return SigningKey(kid=jwk["kid"], private=private, jwk=jwk)
+
+    def rotate(self, new: SigningKey) -> None:
+        """Install ``new`` as the current key; the old current becomes previous and the old
+        previous is deleted (tokens it signed stop verifying once relying parties refresh)."""
         with self._lock:
-            retired = self.previous.kid if self.previous else None
             os.replace(self._dir / "jwt-current.pem", self._dir / "jwt-previous.pem")
-            _write_private(self._dir / "jwt-current.pem", ec.generate_private_key(ec.SECP256R1()))
+            _write_private(self._dir / "jwt-current.pem", new.private)
             self._reload()
-            return self.current.kid, retired

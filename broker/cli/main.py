@@ -237,6 +237,113 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return EXIT_OK if decision.outcome is Outcome.ALLOW else EXIT_REFUSED
 
 
+def _open_log(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The store and audit log named by --data-dir / --database-url (no server needed)."""
+    from broker.audit.log import AuditLog
+    from broker.store.db import Store, sqlite_url
+
+    data_dir = Path(args.data_dir)
+    if args.database_url is None and not (data_dir / "broker.db").exists():
+        raise ConfigError(f"no broker database in {data_dir}: pass --data-dir or --database-url")
+    if not (data_dir / "audit-key.pem").exists():
+        raise ConfigError(f"no audit key in {data_dir}: pass the broker's --data-dir")
+    audit = AuditLog.from_data_dir(data_dir)
+    return Store(args.database_url or sqlite_url(data_dir)), audit
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from broker.audit.checkpoint import NoteVerifier
+    from broker.audit.export import verify_export, verify_store
+
+    if args.export:
+        if not args.key:
+            raise ConfigError("--export needs --key (the log's verifier key, from a trusted place)")
+        report = verify_export(Path(args.export), args.key)
+    else:
+        store, audit = _open_log(args)
+        verifier = NoteVerifier.from_vkey(args.key or audit.verifier_key())
+        with store.read() as session:
+            report = verify_store(session, verifier)
+        store.close()
+    data = {
+        "ok": report.ok,
+        "start": report.start,
+        "size": report.size,
+        "checkpoints": report.checkpoints,
+        "latest_checkpoint": report.latest_checkpoint,
+        "first_bad_index": report.first_bad_index,
+        "problems": [str(p) for p in report.problems],
+    }
+
+    def human() -> str:
+        if report.ok:
+            covered = report.latest_checkpoint or 0
+            return (
+                f"ok: entries {report.start}..{report.size - 1} verify; {report.checkpoints} "
+                f"signed checkpoint(s), the newest covers {covered} entries"
+            )
+        return "FAILED:\n" + "\n".join(f"  - {p}" for p in report.problems)
+
+    _out(args, data, human)
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from broker.audit.export import export_log
+
+    store, audit = _open_log(args)
+    try:
+        with store.write() as session:
+            manifest = export_log(session, audit, args.since, Path(args.dir))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        store.close()
+    data = {**manifest, "key": audit.verifier_key(), "directory": args.dir}
+    human = f"exported entries {manifest['since']}..{manifest['size'] - 1} to {args.dir}\n"
+    human += f"verify with: broker audit verify --export {args.dir} --key {audit.verifier_key()}"
+    _out(args, data, lambda: human)
+    return EXIT_OK
+
+
+def cmd_audit_proof(args: argparse.Namespace) -> int:
+    import base64
+    import datetime as dt
+
+    from sqlalchemy import select
+
+    from broker.audit.merkle import leaf_hash, verify_inclusion
+    from broker.store.tables import EventRow
+
+    store, audit = _open_log(args)
+    try:
+        with store.write() as session:
+            row = session.scalars(
+                select(EventRow).where(
+                    EventRow.grant_id == args.grant_id, EventRow.type == "exchange.allowed"
+                )
+            ).first()
+            if row is None:
+                raise ConfigError(f"no issuance event for grant {args.grant_id}")
+            signed = audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+            proof = audit.inclusion_proof(session, row.idx, signed.size)
+            leaf = row.body
+    finally:
+        store.close()
+    ok = verify_inclusion(leaf_hash(leaf), row.idx, signed.size, proof, signed.root)
+    data = {
+        "grant_id": args.grant_id,
+        "index": row.idx,
+        "size": signed.size,
+        "leaf": base64.b64encode(leaf).decode(),
+        "proof": [base64.b64encode(h).decode() for h in proof],
+        "checkpoint": signed.note,
+        "verified": ok,
+    }
+    _out(args, data, lambda: _fields({k: v for k, v in data.items() if k != "checkpoint"}))
+    return EXIT_OK if ok else EXIT_REFUSED
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -337,6 +444,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p, bearer=True)
     p.set_defaults(func=cmd_keys_rotate)
+
+    aud = sub.add_parser("audit", help="verify, export and prove the audit log").add_subparsers(
+        dest="audit_cmd", required=True
+    )
+
+    def store_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", default=os.environ.get("BROKER_DATA_DIR", ".broker"))
+        p.add_argument("--database-url", default=os.environ.get("BROKER_DATABASE_URL"))
+        _common(p, url=False)
+
+    p = aud.add_parser("verify", help="recompute the whole log and check every checkpoint")
+    p.add_argument("--export", help="verify an export directory instead of the store")
+    p.add_argument("--key", help="verifier key <name>+<id>+<base64>; required with --export")
+    store_args(p)
+    p.set_defaults(func=cmd_audit_verify)
+    p = aud.add_parser("export", help="write entries, checkpoint and proofs for offline checks")
+    p.add_argument("dir")
+    p.add_argument("--since", type=int, default=0, help="first index to export")
+    store_args(p)
+    p.set_defaults(func=cmd_audit_export)
+    p = aud.add_parser("proof", help="inclusion proof of a grant's issuance")
+    p.add_argument("grant_id")
+    store_args(p)
+    p.set_defaults(func=cmd_audit_proof)
 
     pol = sub.add_parser("policy", help="check and explain policy files").add_subparsers(
         dest="policy_cmd", required=True

@@ -105,3 +105,25 @@ class UsedTokenRow(Base):
     issuer: Mapped[str] = mapped_column(String(100), primary_key=True)
     jti: Mapped[str] = mapped_column(String(200), primary_key=True)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class TreeNodeRow(Base):
+    """A Merkle tree node: the hash of the perfect subtree of ``2**level`` leaves starting at
+    leaf ``idx * 2**level``. Level 0 rows are leaf hashes. Written once, when complete."""
+
+    __tablename__ = "tree_nodes"
+
+    level: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+
+
+class CheckpointRow(Base):
+    """A signed checkpoint (C2SP signed note) of the log at ``size``."""
+
+    __tablename__ = "checkpoints"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    root: Mapped[bytes] = mapped_column(LargeBinary(32))
+    note: Mapped[str] = mapped_column(Text)
+    signed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

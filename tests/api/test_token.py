@@ -15,8 +15,12 @@ from tests.conftest import EVAL_SUB, eval_token, exchange_form
 
 
 def _events(broker: Broker) -> list[dict[str, object]]:
+    """Exchange events, in log order (the log also holds e.g. policy.loaded)."""
     with broker.store.read() as s:
-        return [json.loads(r.body) for r in s.scalars(select(EventRow).order_by(EventRow.idx))]
+        rows = s.scalars(select(EventRow).order_by(EventRow.idx))
+        return [
+            e for e in (json.loads(r.body) for r in rows) if str(e["type"]).startswith("exchange.")
+        ]
 
 
 def _grants(broker: Broker) -> list[GrantRow]:
@@ -81,6 +85,7 @@ def test_denied_exchange_names_the_claim_and_is_recorded(
     [event] = _events(broker)
     assert event["type"] == "exchange.denied" and event["error"] == "access_denied"
     assert token not in json.dumps(event)
+    assert event["token_hmac"] == broker.audit.token_hmac(token)
 
 
 def test_every_refusal_has_its_code_and_status(client: TestClient, broker: Broker) -> None:
@@ -189,4 +194,4 @@ def test_event_indexes_are_dense_across_outcomes(client: TestClient, broker: Bro
         client.post("/v1/token", data=exchange_form(eval_token(broker), action=action))
     with broker.store.read() as s:
         idx = list(s.scalars(select(EventRow.idx).order_by(EventRow.idx)))
-    assert idx == [0, 1, 2, 3]
+    assert idx == list(range(5))  # policy.loaded, then the four attempts

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select, text
 
-from broker.audit.events import append_event
+from broker.audit.log import AuditLog
 from broker.errors import AuditUnavailable
 from broker.store.db import Store, sqlite_url
 from broker.store.tables import Base, EventRow, UsedTokenRow
@@ -21,6 +21,11 @@ def store(tmp_path: Path) -> Store:
     s = Store(sqlite_url(tmp_path))
     s.migrate()
     return s
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> AuditLog:
+    return AuditLog.from_data_dir(tmp_path, "test/audit")
 
 
 def test_migrations_create_exactly_the_tables(store: Store) -> None:
@@ -44,26 +49,26 @@ def test_datetimes_come_back_aware_utc(store: Store) -> None:
     assert row.expires_at == at and row.expires_at.tzinfo == dt.UTC
 
 
-def test_a_rolled_back_append_leaves_no_gap(store: Store) -> None:
+def test_a_rolled_back_append_leaves_no_gap(store: Store, audit: AuditLog) -> None:
     now = dt.datetime.now(dt.UTC)
     with store.write() as s:
-        append_event(s, "a", now, {})
+        audit.append(s, "a", now, {})
     with pytest.raises(RuntimeError), store.write() as s:
-        append_event(s, "b", now, {})
+        audit.append(s, "b", now, {})
         raise RuntimeError("boom")
     with store.write() as s:
-        assert append_event(s, "c", now, {}) == 1
+        assert audit.append(s, "c", now, {}) == 1
     with store.read() as s:
         assert [r.type for r in s.scalars(select(EventRow).order_by(EventRow.idx))] == ["a", "c"]
 
 
-def test_oversized_events_are_refused(store: Store) -> None:
+def test_oversized_events_are_refused(store: Store, audit: AuditLog) -> None:
     with pytest.raises(ValueError, match="limit"), store.write() as s:
-        append_event(s, "big", dt.datetime.now(dt.UTC), {"x": "y" * 70000})
+        audit.append(s, "big", dt.datetime.now(dt.UTC), {"x": "y" * 70000})
 
 
-def test_database_failure_becomes_audit_unavailable(store: Store) -> None:
+def test_database_failure_becomes_audit_unavailable(store: Store, audit: AuditLog) -> None:
     with store.engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE log_head")
     with pytest.raises(AuditUnavailable, match="nothing was issued"), store.write() as s:
-        append_event(s, "x", dt.datetime.now(dt.UTC), {})
+        audit.append(s, "x", dt.datetime.now(dt.UTC), {})

@@ -1,0 +1,330 @@
+"""The tamper-evident log on the store: append, checkpoints, proofs.
+
+Each event is appended in its caller's transaction: its dense index from ``log_head``, its exact
+canonical bytes in ``events``, and the Merkle nodes it completes in ``tree_nodes`` (O(log n)).
+So an event, its grant and its leaf commit together or not at all.
+
+NOTE: events never hold a token or a credential. Where correlation is needed (the same bad token
+presented twice) they hold ``token_hmac``: HMAC-SHA256 with a per-log secret, as Vault's audit
+devices do, so the log cannot be used to test guesses of a token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import event as sa_event
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.orm import Session
+
+from broker.audit.checkpoint import Checkpoint, NoteSigner
+from broker.audit.merkle import (
+    Frontier,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    verify_consistency,
+)
+from broker.errors import BrokerError, ConfigError, InvalidRequest
+from broker.store.tables import CheckpointRow, EventRow, LogHeadRow, TreeNodeRow
+
+EVENT_VERSION = 1
+MAX_EVENT_BYTES = 64 * 1024
+_PENDING = "audit_pending_frontier"
+
+
+class AuditIntegrityError(BrokerError):
+    """The stored log disagrees with a signed checkpoint: the broker refuses to sign over it."""
+
+    code = "audit_integrity"
+    status = 500
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic JSON: sorted keys, no spaces, UTF-8, no NaN."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def rfc3339(at: dt.datetime) -> str:
+    return at.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def frontier_nodes(size: int) -> list[tuple[int, int]]:
+    """(level, index) of the perfect subtrees that make up a tree of ``size``, largest first."""
+    nodes = []
+    offset = 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            nodes.append((level, offset >> level))
+            offset += 1 << level
+    return nodes
+
+
+class StoreHashReader:
+    """A :class:`broker.audit.merkle.HashReader` over the ``tree_nodes`` table."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def get_node(self, level: int, index: int) -> bytes:
+        row = self._session.get(TreeNodeRow, (level, index))
+        if row is None:
+            raise LookupError(f"tree node ({level}, {index}) is missing")
+        return row.hash
+
+
+def _load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
+    if not path.exists():
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_secret(path, pem)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"audit signing key {path} is not an Ed25519 key")
+    return key
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_or_create_hmac_key(path: Path) -> bytes:
+    if not path.exists():
+        _write_secret(path, os.urandom(32))
+    return path.read_bytes()
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    size: int
+    root: bytes
+    note: str
+    signed_at: dt.datetime
+
+
+class AuditLog:
+    """Appends events as Merkle leaves and signs checkpoints over them."""
+
+    def __init__(self, signer: NoteSigner, hmac_key: bytes) -> None:
+        self.signer = signer
+        self._hmac_key = hmac_key
+        self._lock = threading.Lock()
+        self._committed: Frontier | None = None  # the frontier of a committed state
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path, default_origin: str | None = None) -> AuditLog:
+        """Load (or create, 0600) the log's Ed25519 key, HMAC secret and origin in ``data_dir``.
+
+        The origin is fixed when the log is created (``audit-origin``): it names the log in every
+        checkpoint and in the verifier key, so it must not change with the broker's address.
+        Raises ConfigError when the log does not exist and no ``default_origin`` is given."""
+        origin_file = data_dir / "audit-origin"
+        if not origin_file.exists():
+            if default_origin is None:
+                raise ConfigError(f"no audit log in {data_dir} (audit-origin is missing)")
+            origin_file.write_text(default_origin + "\n")
+        origin = origin_file.read_text().strip()
+        key = _load_or_create_signing_key(data_dir / "audit-key.pem")
+        return cls(NoteSigner(origin, key), _load_or_create_hmac_key(data_dir / "audit-hmac.key"))
+
+    @property
+    def origin(self) -> str:
+        return self.signer.name
+
+    def verifier_key(self) -> str:
+        return self.signer.verifier_key()
+
+    def token_hmac(self, token: str) -> str:
+        """A keyed hash of a token, for correlating events without storing the token."""
+        digest = hmac.new(self._hmac_key, token.encode(), hashlib.sha256).hexdigest()
+        return f"hmac-sha256:{digest}"
+
+    # --- appending -----------------------------------------------------------------------------
+
+    def append(
+        self,
+        session: Session,
+        type_: str,
+        at: dt.datetime,
+        data: dict[str, Any],
+        *,
+        grant_id: str | None = None,
+    ) -> int:
+        """Append one event in ``session``'s transaction and return its index.
+
+        The index comes from incrementing the single ``log_head`` row, which serialises
+        appenders and keeps indexes dense even when a transaction rolls back (a sequence would
+        leave gaps). Raises ValueError when the encoded event exceeds MAX_EVENT_BYTES.
+        """
+        idx = (
+            session.execute(
+                update(LogHeadRow)
+                .where(LogHeadRow.id == 1)
+                .values(size=LogHeadRow.size + 1)
+                .returning(LogHeadRow.size)
+            ).scalar_one()
+            - 1
+        )
+        body = canonical_json(
+            {
+                "v": EVENT_VERSION,
+                "idx": idx,
+                "type": type_,
+                "at": rfc3339(at),
+                "grant_id": grant_id,
+                **data,
+            }
+        )
+        if len(body) > MAX_EVENT_BYTES:
+            raise ValueError(f"event {type_} is {len(body)} bytes; the limit is {MAX_EVENT_BYTES}")
+        frontier = self._frontier_for(session, idx)
+        nodes = frontier.append(leaf_hash(body))
+        session.add(EventRow(idx=idx, type=type_, at=at, grant_id=grant_id, body=body))
+        session.add_all(TreeNodeRow(level=lv, idx=i, hash=h) for lv, i, h in nodes)
+        if _PENDING not in session.info:
+            sa_event.listen(session, "after_commit", self._after_commit, once=True)
+        session.info[_PENDING] = frontier
+        return idx
+
+    def _frontier_for(self, session: Session, size: int) -> Frontier:
+        """The frontier of the tree of ``size`` leaves: from this transaction's earlier appends,
+        from the last committed state this process saw, or from the stored nodes."""
+        pending: Frontier | None = session.info.get(_PENDING)
+        if pending is not None and pending.size == size:
+            return pending
+        with self._lock:
+            committed = self._committed
+        if committed is not None and committed.size == size:
+            # NOTE: only committed states are cached; equal size means equal tree, because
+            # committed history is append-only.
+            return Frontier.from_hashes(size, committed.hashes)
+        return self._load_frontier(session, size)
+
+    @staticmethod
+    def _load_frontier(session: Session, size: int) -> Frontier:
+        wanted = frontier_nodes(size)
+        if not wanted:
+            return Frontier()
+        rows = session.execute(
+            select(TreeNodeRow.level, TreeNodeRow.idx, TreeNodeRow.hash).where(
+                tuple_(TreeNodeRow.level, TreeNodeRow.idx).in_(wanted)
+            )
+        ).all()
+        found = {(r.level, r.idx): r.hash for r in rows}
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise AuditIntegrityError(f"the log's tree nodes {missing} are missing")
+        return Frontier.from_hashes(size, [found[n] for n in wanted])
+
+    def _after_commit(self, session: Session) -> None:
+        frontier: Frontier | None = session.info.pop(_PENDING, None)
+        if frontier is None:
+            return
+        with self._lock:
+            if self._committed is None or frontier.size > self._committed.size:
+                self._committed = frontier
+
+    # --- reading -------------------------------------------------------------------------------
+
+    @staticmethod
+    def size(session: Session) -> int:
+        return int(session.execute(select(LogHeadRow.size).where(LogHeadRow.id == 1)).scalar_one())
+
+    def root(self, session: Session, size: int) -> bytes:
+        return self._load_frontier(session, size).root()
+
+    @staticmethod
+    def latest_checkpoint(session: Session) -> SignedCheckpoint | None:
+        row = session.scalars(select(CheckpointRow).order_by(CheckpointRow.size.desc())).first()
+        return _signed(row) if row else None
+
+    @staticmethod
+    def checkpoints(session: Session) -> list[SignedCheckpoint]:
+        return [
+            _signed(r) for r in session.scalars(select(CheckpointRow).order_by(CheckpointRow.size))
+        ]
+
+    @staticmethod
+    def entries(session: Session, start: int, end: int) -> Sequence[EventRow]:
+        query = select(EventRow).where(EventRow.idx >= start, EventRow.idx < end)
+        return session.scalars(query.order_by(EventRow.idx)).all()
+
+    def inclusion_proof(self, session: Session, index: int, size: int) -> list[bytes]:
+        self._check_size(session, size)
+        if not 0 <= index < size:
+            raise InvalidRequest(f"index: expected 0..{size - 1} for size {size}, got {index}")
+        return inclusion_proof(index, size, StoreHashReader(session))
+
+    def consistency_proof(self, session: Session, old: int, new: int) -> list[bytes]:
+        self._check_size(session, new)
+        if not 0 < old <= new:
+            raise InvalidRequest(f"from/to: expected 0 < from <= to, got {old} and {new}")
+        return consistency_proof(old, new, StoreHashReader(session))
+
+    def _check_size(self, session: Session, size: int) -> None:
+        current = self.size(session)
+        if not 0 < size <= current:
+            raise InvalidRequest(f"size: expected 1..{current} (the log's size), got {size}")
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def sign_checkpoint(self, session: Session, now: dt.datetime) -> SignedCheckpoint:
+        """Sign a checkpoint of the whole log, unless the newest one already covers it.
+
+        Runs in a write transaction (which holds the log's write lock), and NOTE: it refuses
+        to sign when the stored tree is not consistent with the newest signed checkpoint, so the
+        broker never signs two inconsistent checkpoints. Raises AuditIntegrityError then.
+        """
+        size = int(
+            session.execute(
+                select(LogHeadRow.size).where(LogHeadRow.id == 1).with_for_update()
+            ).scalar_one()
+        )
+        latest = self.latest_checkpoint(session)
+        if latest is not None and latest.size == size:
+            return latest
+        if latest is not None and latest.size > size:
+            raise AuditIntegrityError(
+                f"the log has {size} entries but checkpoint {latest.size} was signed: truncated"
+            )
+        reader = StoreHashReader(session)
+        root = self._load_frontier(session, size).root()
+        if latest is not None and latest.size > 0:
+            try:
+                proof = consistency_proof(latest.size, size, reader)
+            except LookupError as exc:
+                raise AuditIntegrityError(f"cannot prove consistency: {exc}") from None
+            if not verify_consistency(latest.size, size, latest.root, root, proof):
+                raise AuditIntegrityError(
+                    f"the stored tree of size {size} is not consistent with the signed "
+                    f"checkpoint of size {latest.size}: refusing to sign"
+                )
+        note = self.signer.sign(Checkpoint(self.origin, size, root)).decode()
+        session.add(CheckpointRow(size=size, root=root, note=note, signed_at=now))
+        return SignedCheckpoint(size=size, root=root, note=note, signed_at=now)
+
+
+def _signed(row: CheckpointRow) -> SignedCheckpoint:
+    return SignedCheckpoint(size=row.size, root=row.root, note=row.note, signed_at=row.signed_at)

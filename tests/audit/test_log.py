@@ -1,0 +1,152 @@
+"""The log on the store: appends keep the tree exact, checkpoints are never inconsistent."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from broker.audit.checkpoint import NoteVerifier
+from broker.audit.log import AuditIntegrityError, AuditLog, StoreHashReader
+from broker.audit.merkle import (
+    leaf_hash,
+    root_from_leaves,
+    verify_consistency,
+    verify_inclusion,
+)
+from broker.errors import InvalidRequest
+from broker.store.db import Store, sqlite_url
+from broker.store.tables import EventRow, TreeNodeRow
+
+NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(sqlite_url(tmp_path))
+    s.migrate()
+    return s
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> AuditLog:
+    return AuditLog.from_data_dir(tmp_path, "test.example/audit")
+
+
+def bodies(store: Store) -> list[bytes]:
+    with store.read() as s:
+        return list(s.scalars(select(EventRow.body).order_by(EventRow.idx)))
+
+
+def test_every_append_keeps_the_stored_tree_exact(
+    store: Store, audit: AuditLog, tmp_path: Path
+) -> None:
+    other = AuditLog.from_data_dir(tmp_path)  # a second process: its cache is always stale
+    expected = 0
+    for n in range(1, 40):
+        log = audit if n % 3 else other
+        with store.write() as s:
+            assert log.append(s, "t", NOW, {"n": n}) == expected
+            expected += 1
+            if n % 5 == 0:  # several appends in one transaction
+                assert log.append(s, "t", NOW, {"n": n, "second": True}) == expected
+                expected += 1
+        leaves = bodies(store)
+        with store.read() as s:
+            assert audit.root(s, len(leaves)) == root_from_leaves(leaves)
+
+
+def test_a_rolled_back_append_does_not_poison_the_cache(store: Store, audit: AuditLog) -> None:
+    with store.write() as s:
+        audit.append(s, "a", NOW, {})
+    with pytest.raises(RuntimeError), store.write() as s:
+        audit.append(s, "rolled-back", NOW, {})
+        raise RuntimeError
+    with store.write() as s:
+        audit.append(s, "b", NOW, {})
+    leaves = bodies(store)
+    assert [b"rolled-back" in b for b in leaves] == [False, False]
+    with store.read() as s:
+        assert audit.root(s, 2) == root_from_leaves(leaves)
+
+
+def test_leaves_carry_their_index_and_canonical_bytes(store: Store, audit: AuditLog) -> None:
+    with store.write() as s:
+        audit.append(s, "x", NOW, {"b": 1, "a": "é"})
+    [body] = bodies(store)
+    assert (
+        body
+        == (
+            '{"a":"é","at":"2026-11-25T00:00:00.000Z","b":1,"grant_id":null,"idx":0,"type":"x","v":1}'
+        ).encode()
+    )
+
+
+def test_proofs_verify_against_signed_checkpoints(store: Store, audit: AuditLog) -> None:
+    verifier = NoteVerifier.from_vkey(audit.verifier_key())
+    for n in range(7):
+        with store.write() as s:
+            audit.append(s, "t", NOW, {"n": n})
+    with store.write() as s:
+        old = audit.sign_checkpoint(s, NOW)
+    for n in range(6):
+        with store.write() as s:
+            audit.append(s, "t", NOW, {"m": n})
+    with store.write() as s:
+        new = audit.sign_checkpoint(s, NOW)
+        assert audit.sign_checkpoint(s, NOW) == new  # nothing new: the same checkpoint
+    assert (old.size, new.size) == (7, 13)
+    assert verifier.verify(new.note.encode()).root == new.root
+    leaves = bodies(store)
+    with store.read() as s:
+        for i, leaf in enumerate(leaves):
+            proof = audit.inclusion_proof(s, i, new.size)
+            assert verify_inclusion(leaf_hash(leaf), i, new.size, proof, new.root)
+        proof = audit.consistency_proof(s, old.size, new.size)
+        assert verify_consistency(old.size, new.size, old.root, new.root, proof)
+        with pytest.raises(InvalidRequest, match="size"):
+            audit.inclusion_proof(s, 0, 99)
+        with pytest.raises(InvalidRequest, match="from/to"):
+            audit.consistency_proof(s, 9, 3)
+
+
+def test_never_signs_over_a_rewritten_tree(store: Store, audit: AuditLog) -> None:
+    for n in range(4):
+        with store.write() as s:
+            audit.append(s, "t", NOW, {"n": n})
+    with store.write() as s:
+        audit.sign_checkpoint(s, NOW)
+    with store.write() as s:
+        s.execute(update(TreeNodeRow).where(TreeNodeRow.level == 2).values(hash=b"\x00" * 32))
+    fresh = AuditLog.from_data_dir(Path(str(store.url).removeprefix("sqlite:///")).parent)
+    with store.write() as s:
+        fresh.append(s, "t", NOW, {"n": 4})
+    with pytest.raises(AuditIntegrityError, match="not consistent"), store.write() as s:
+        fresh.sign_checkpoint(s, NOW)
+
+
+def test_the_origin_is_fixed_when_the_log_is_created(tmp_path: Path) -> None:
+    first = AuditLog.from_data_dir(tmp_path, "a.example/audit")
+    again = AuditLog.from_data_dir(tmp_path, "b.example:9999/audit")
+    assert again.origin == "a.example/audit"
+    assert again.verifier_key() == first.verifier_key()
+    assert (tmp_path / "audit-key.pem").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "audit-hmac.key").stat().st_mode & 0o077 == 0
+
+
+def test_token_hmac_is_keyed(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = AuditLog.from_data_dir(tmp_path / "one", "x/audit")
+    two = AuditLog.from_data_dir(tmp_path / "two", "x/audit")
+    assert one.token_hmac("tok") == one.token_hmac("tok")
+    assert one.token_hmac("tok") != two.token_hmac("tok")
+    assert one.token_hmac("tok") != "hmac-sha256:" + hashlib.sha256(b"tok").hexdigest()
+
+
+def test_store_hash_reader_refuses_missing_nodes(store: Store) -> None:
+    with store.read() as s, pytest.raises(LookupError):
+        StoreHashReader(s).get_node(0, 0)
