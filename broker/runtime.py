@@ -11,13 +11,15 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from broker.approvals.service import ApprovalService
+from broker.approvals.webhook import WebhookNotifier
 from broker.audit.log import AuditLog
 from broker.backends.base import BackendRegistry
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
 from broker.dev.issuer import DevIssuer
 from broker.errors import ConfigError
-from broker.grants.service import GrantService
+from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
 from broker.policy import LoadedPolicy, load_policy
@@ -56,6 +58,8 @@ class Broker:
     grants: GrantService
     metrics: Metrics
     audit: AuditLog
+    approvals: ApprovalService
+    notifier: WebhookNotifier | None
     dev_issuer: DevIssuer | None
     _stop: threading.Event = field(default_factory=threading.Event)
     _worker: threading.Thread | None = None
@@ -67,6 +71,7 @@ class Broker:
     def maintain(self) -> None:
         """One round of housekeeping: mark expired grants, sign a checkpoint if the log grew."""
         self.grants.expire_due()
+        self.approvals.expire_due()
         with self.store.write() as session:
             self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
 
@@ -88,6 +93,8 @@ class Broker:
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout=10)
+        if self.notifier is not None:
+            self.notifier.close()
         self.store.close()
 
 
@@ -118,8 +125,18 @@ def build_broker(settings: Settings) -> Broker:
     jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
     verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
     backends = BackendRegistry({"jwt": JwtBackend(keys, str(settings.issuer_url))})
+    webhook = policy.policy.approval.webhook
+    notifier = WebhookNotifier(webhook) if webhook else None
+    approvals = ApprovalService(
+        policy=policy, store=store, audit=audit, notifier=notifier, clock=utcnow
+    )
     grants = GrantService(
-        policy=policy, verifier=verifier, store=store, backends=backends, audit=audit
+        policy=policy,
+        verifier=verifier,
+        store=store,
+        backends=backends,
+        audit=audit,
+        approvals=approvals,
     )
     with store.write() as session:
         audit.append(
@@ -143,5 +160,7 @@ def build_broker(settings: Settings) -> Broker:
         grants=grants,
         metrics=Metrics(),
         audit=audit,
+        approvals=approvals,
+        notifier=notifier,
         dev_issuer=dev_issuer,
     )

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from broker.api import admin, audit, dev, public, token
+from broker.api import admin, approvals, audit, dev, public, token
 from broker.errors import BrokerError, Unauthenticated
 from broker.runtime import Broker, build_broker
 from broker.settings import Settings
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.include_router(token.router)
     app.include_router(admin.router)
     app.include_router(audit.router)
+    app.include_router(approvals.router)
     app.include_router(public.router)
     if instance.settings.dev:
         app.include_router(dev.router)

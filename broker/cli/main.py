@@ -175,6 +175,106 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+APPROVAL_COLUMNS = (
+    "id",
+    "status",
+    "model",
+    "action",
+    "tier",
+    "approvals",
+    "approvals_required",
+    "expires_at",
+)
+
+
+def _approval_human(view: dict[str, Any]) -> str:
+    who = view["requester"]
+    target = f"{view['action']} on {view['model']} via {view['backend']}"
+    lines = [
+        f"{view['id']}  {view['status']}  {target}",
+        f"requester  {who['subject']} ({who['issuer']})",
+        f"approvals  {view['approvals']} of {view['approvals_required']}"
+        + ("  (rollback test required)" if view["rollback_required"] else ""),
+        f"expires    {view['approved_until'] or view['expires_at']}",
+    ]
+    lines += [
+        f"  {r['decision']:8} {r['reviewer']['subject']} ({r['reviewer']['issuer']}): {r['reason']}"
+        for r in view["reviews"]
+    ]
+    return "\n".join(lines)
+
+
+def cmd_approvals_request(args: argparse.Namespace) -> int:
+    lineage = None
+    if args.lineage:
+        try:
+            lineage = json.loads(args.lineage)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--lineage: not JSON ({exc.msg})") from None
+    client = BrokerClient(args.url, bearer=_read_secret(args.token))
+    view = client.open_approval(
+        model=args.model,
+        action=args.action,
+        requested_token_type=TOKEN_TYPES[args.backend],
+        lineage=lineage,
+        reason=args.reason,
+    )
+    _out(args, view, lambda: _approval_human(view))
+    return EXIT_OK
+
+
+def cmd_approvals_list(args: argparse.Namespace) -> int:
+    found = _client(args, bearer=True).list_approvals(status=args.status, model=args.model)
+    _out(args, found, lambda: _table(found, APPROVAL_COLUMNS))
+    return EXIT_OK
+
+
+def cmd_approvals_show(args: argparse.Namespace) -> int:
+    view = _client(args, bearer=True).get_approval(args.approval_id)
+    _out(args, view, lambda: _approval_human(view))
+    return EXIT_OK
+
+
+def cmd_approvals_review(args: argparse.Namespace) -> int:
+    if args.approvals_cmd == "cancel":
+        client = BrokerClient(args.url, bearer=_read_secret(args.token))
+    else:
+        client = _client(args, bearer=True)
+    view = client.act_on_approval(args.approval_id, args.approvals_cmd, args.reason)
+    _out(args, view, lambda: _approval_human(view))
+    return EXIT_OK
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    result = _client(args, bearer=True).lineage(args.model)
+    history = result["history"]
+
+    def human() -> str:
+        if not history:
+            return f"no model-altering grants for {args.model}"
+        out = []
+        for g in history:
+            point = (g.get("lineage") or {}).get("rollback_point") or {}
+            out.append(
+                f"{g['issued_at']}  {g['action']}  {g['subject']} ({g['issuer']})  {g['status']}"
+            )
+            out.append(
+                f"  grant {g['id']}, approval {g['approval_id']}, policy {g['policy_digest']}"
+            )
+            out += [
+                f"  {r['decision']} by {r['reviewer']['subject']}: {r['reason']}"
+                for r in g["reviews"]
+            ]
+            for kind in ("datasets", "weights", "prompts"):
+                out += [f"  {kind[:-1]} {a['uri']}" for a in (g.get("lineage") or {}).get(kind, [])]
+            if point:
+                out.append(f"  rollback point {point['uri']}")
+        return "\n".join(out)
+
+    _out(args, result, human)
+    return EXIT_OK
+
+
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     result = _client(args, bearer=True).rotate_keys()
     _out(args, result, lambda: f"current key {result['kid']}; retired {result['retired_kid']}")
@@ -276,11 +376,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     }
 
     def human() -> str:
+        if report.ok and not report.latest_checkpoint:
+            return (
+                f"ok: entries {report.start}..{report.size - 1} are consistent with the hashes "
+                "recorded at append time; no signed checkpoint covers them yet"
+            )
         if report.ok:
-            covered = report.latest_checkpoint or 0
             return (
                 f"ok: entries {report.start}..{report.size - 1} verify; {report.checkpoints} "
-                f"signed checkpoint(s), the newest covers {covered} entries"
+                f"signed checkpoint(s), the newest covers {report.latest_checkpoint} entries"
             )
         return "FAILED:\n" + "\n".join(f"  - {p}" for p in report.problems)
 
@@ -435,6 +539,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True)
     _common(p, bearer=True)
     p.set_defaults(func=cmd_revoke)
+
+    appr = sub.add_parser("approvals", help="just-in-time approval requests").add_subparsers(
+        dest="approvals_cmd", required=True
+    )
+    p = appr.add_parser("request", help="open a request ahead of time, with the workload's token")
+    p.add_argument("--token", required=True, help="file with the workload token, or - for stdin")
+    p.add_argument("--model", required=True)
+    p.add_argument("--action", required=True)
+    p.add_argument("--backend", choices=sorted(TOKEN_TYPES), default="jwt")
+    p.add_argument("--lineage", help="JSON: datasets, weights, prompts, rollback_point")
+    p.add_argument("--reason")
+    _common(p)
+    p.set_defaults(func=cmd_approvals_request)
+    p = appr.add_parser("list")
+    p.add_argument(
+        "--status", choices=["pending", "approved", "denied", "cancelled", "expired", "used"]
+    )
+    p.add_argument("--model")
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_approvals_list)
+    p = appr.add_parser("show")
+    p.add_argument("approval_id")
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_approvals_show)
+    for verb in ("approve", "deny"):
+        p = appr.add_parser(verb)
+        p.add_argument("approval_id")
+        p.add_argument("--reason", required=True)
+        _common(p, bearer=True)
+        p.set_defaults(func=cmd_approvals_review)
+    p = appr.add_parser("cancel", help="cancel your own pending request (the workload's token)")
+    p.add_argument("approval_id")
+    p.add_argument("--token", required=True, help="file with the workload token, or - for stdin")
+    p.add_argument("--reason", required=True)
+    _common(p)
+    p.set_defaults(func=cmd_approvals_review)
+
+    p = sub.add_parser("lineage", help="who changed a model, with what, approved by whom")
+    p.add_argument("model")
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_lineage)
 
     keys = sub.add_parser("keys", help="the broker's signing keys").add_subparsers(
         dest="keys_cmd", required=True

@@ -86,5 +86,24 @@ class BrokerClient:
     def introspect(self, token: str) -> dict[str, Any]:
         return self._call("POST", "/v1/introspect", data={"token": token})
 
+    def open_approval(self, **body: Any) -> dict[str, Any]:
+        return self._call(
+            "POST", "/v1/approvals", json={k: v for k, v in body.items() if v is not None}
+        )
+
+    def list_approvals(self, **filters: str | None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        found: list[dict[str, Any]] = self._call("GET", "/v1/approvals", params=params)["approvals"]
+        return found
+
+    def get_approval(self, approval_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/approvals/{approval_id}")
+
+    def act_on_approval(self, approval_id: str, verb: str, reason: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/approvals/{approval_id}/{verb}", json={"reason": reason})
+
+    def lineage(self, model: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/lineage/{model}")
+
     def rotate_keys(self) -> dict[str, Any]:
         return self._call("POST", "/v1/keys/rotate")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broker.errors import InvalidRequest
 
@@ -19,13 +19,27 @@ class Artifact(BaseModel):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
+class RollbackTest(BaseModel):
+    """Evidence that rolling back to the rollback point was exercised."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ref: str = Field(min_length=1, max_length=2048)
+    result: Literal["passed", "failed"]
+    tested_at: AwareDatetime
+
+
+class RollbackPoint(Artifact):
+    test: RollbackTest | None = None
+
+
 class Lineage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     datasets: list[Artifact] = Field(default_factory=list)
     weights: list[Artifact] = Field(default_factory=list)
     prompts: list[Artifact] = Field(default_factory=list)
-    rollback_point: Artifact | None = None
+    rollback_point: RollbackPoint | None = None
 
     @field_validator("datasets", "weights", "prompts", mode="before")
     @classmethod
@@ -34,6 +48,11 @@ class Lineage(BaseModel):
         if isinstance(value, list):
             return [{"uri": v} if isinstance(v, str) else v for v in value]
         return value
+
+
+def lineage_datasets(lineage: dict[str, Any] | None) -> list[str]:
+    """The dataset URIs a (parsed) lineage introduces."""
+    return [str(d["uri"]) for d in (lineage or {}).get("datasets", [])]
 
 
 def parse_lineage(raw: str | None) -> dict[str, Any] | None:

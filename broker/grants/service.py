@@ -17,6 +17,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from broker.approvals.rules import Binding
+from broker.approvals.service import ApprovalService, binding_for
 from broker.audit.log import AuditLog, rfc3339
 from broker.backends.base import BackendRegistry, Credential
 from broker.backends.jwt import default_audience
@@ -32,7 +34,7 @@ from broker.errors import (
     NotFound,
     TokenReplayed,
 )
-from broker.grants.lineage import parse_lineage
+from broker.grants.lineage import lineage_datasets, parse_lineage
 from broker.grants.model import Grant, GrantStatus
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import Verifier
@@ -95,9 +97,11 @@ class GrantService:
         store: Store,
         backends: BackendRegistry,
         audit: AuditLog,
+        approvals: ApprovalService,
         clock: Clock = utcnow,
     ) -> None:
         self.audit = audit
+        self.approvals = approvals
         self.policy = policy
         self.verifier = verifier
         self.store = store
@@ -124,26 +128,63 @@ class GrantService:
             self._record_denial(req, identity, error, consume=True)
             raise
 
-    def _allow(self, identity: WorkloadIdentity, req: ExchangeRequest) -> ExchangeResult:
-        backend = self.backends.for_token_type(req.token_type)
+    def decide(
+        self, identity: WorkloadIdentity, req: ExchangeRequest, backend: str
+    ) -> tuple[Decision, dict[str, Any] | None]:
+        """The policy decision for a request, and its parsed lineage. Raises AccessDenied."""
+        lineage = parse_lineage(req.lineage)
         decision = decide(
             self.policy,
             identity,
             req.model,
             req.action,
-            backend.name,
+            backend,
             requested_ttl=req.requested_ttl,
+            datasets=lineage_datasets(lineage),
         )
         if decision.outcome is Outcome.DENY:
             raise AccessDenied(self._denial_text(identity, decision), reasons=decision.reasons())
+        return decision, lineage
+
+    def binding(
+        self,
+        identity: WorkloadIdentity,
+        decision: Decision,
+        lineage: dict[str, Any] | None,
+        reason: str | None,
+    ) -> Binding:
+        return binding_for(self.policy, identity, decision, lineage, _clean_reason(reason))
+
+    def _approval(
+        self, identity: WorkloadIdentity, req: ExchangeRequest, decision: Decision, binding: Binding
+    ) -> str:
+        """The approval id that covers this request, or ApprovalRequired naming the request
+        people must review (opened now, or the live one for exactly this request)."""
+        problem = None
+        if req.approval_id:
+            problem = self.approvals.unusable_because(req.approval_id, binding)
+            if problem is None:
+                return req.approval_id
+        view, _ = self.approvals.open(decision, binding)
+        needed = (
+            f"action {decision.action} is tier {decision.tier} and needs "
+            f"{decision.approvals_required} approval(s) by other people"
+        )
+        if view["status"] == "approved":
+            state = f"request {view['id']} is approved: exchange again with approval_id"
+        else:
+            state = f"request {view['id']} has {view['approvals']} of {view['approvals_required']}"
+        text = f"{problem}; " if problem else ""
+        raise ApprovalRequired(f"{text}{needed}; {state}", approval_id=view["id"])
+
+    def _allow(self, identity: WorkloadIdentity, req: ExchangeRequest) -> ExchangeResult:
+        backend = self.backends.for_token_type(req.token_type)
+        decision, lineage = self.decide(identity, req, backend.name)
+        approval_id = None
+        binding = None
         if decision.outcome is Outcome.APPROVAL_REQUIRED:
-            raise ApprovalRequired(
-                f"action {decision.action} is tier {decision.tier} and needs "
-                f"{decision.approvals_required} approval(s) by other people before a credential "
-                "is issued",
-                rule=decision.rule,
-            )
-        lineage = parse_lineage(req.lineage)
+            binding = self.binding(identity, decision, lineage, req.reason)
+            approval_id = self._approval(identity, req, decision, binding)
         audience = self._audience(req, decision)
         now = self.clock().replace(microsecond=0)
         claims: dict[str, Any] = {**identity.attributes, **decision.matched_claims}
@@ -162,7 +203,7 @@ class GrantService:
             audience=audience,
             reason=_clean_reason(req.reason),
             lineage=lineage,
-            approval_id=req.approval_id,
+            approval_id=approval_id,
             issued_at=now,
             expires_at=now + dt.timedelta(seconds=decision.ttl_seconds),
             status=GrantStatus.ACTIVE,
@@ -171,6 +212,8 @@ class GrantService:
         with self.store.write() as session:
             self._consume(session, identity)
             session.add(_grant_row(grant, identity, credential))
+            if approval_id is not None and binding is not None:
+                self.approvals.consume(session, approval_id, binding, grant.id)
             self.audit.append(
                 session,
                 "exchange.allowed",
@@ -187,6 +230,7 @@ class GrantService:
                     "audience": audience,
                     "reason": grant.reason,
                     "lineage": lineage,
+                    "approval_id": approval_id,
                     "expires_at": rfc3339(grant.expires_at),
                     "credential_ref": credential.credential_ref,
                     "token_hmac": self.audit.token_hmac(req.subject_token),
@@ -296,6 +340,26 @@ class GrantService:
         query = query.limit(max(1, min(limit, MAX_LIST)))
         with self.store.read() as session:
             return [Grant.from_row(row, now) for row in session.scalars(query)]
+
+    def lineage(self, model: str, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Grants for model-altering (non-low tier) actions on ``model``, newest first, with
+        their approvals' reviews: who changed the model, with what, approved by whom."""
+        now = self.clock()
+        query = (
+            select(GrantRow)
+            .where(GrantRow.model == model, GrantRow.tier != "low")
+            .order_by(GrantRow.issued_at.desc(), GrantRow.id)
+            .limit(max(1, min(limit, MAX_LIST)))
+        )
+        with self.store.read() as session:
+            history = []
+            for row in session.scalars(query):
+                entry = Grant.from_row(row, now).to_public()
+                entry["reviews"] = (
+                    self.approvals.reviews_of(session, row.approval_id) if row.approval_id else []
+                )
+                history.append(entry)
+            return history
 
     def is_active(self, grant_id: str) -> Grant | None:
         """The grant when it is active now, else None (introspection's question)."""

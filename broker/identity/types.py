@@ -58,6 +58,8 @@ class Person:
     issuer: str
     subject: str
     roles: frozenset[str]
+    groups: frozenset[str]
+    """The raw values of the issuer's roles claim (per-model approver groups match these)."""
     expires_at: int
     _seal: object = field(repr=False, compare=False, default=None)
 

@@ -328,6 +328,7 @@ class Verifier:
             issuer=config.issuer,
             subject=verified.claims["sub"],
             roles=self._roles_for(groups),
+            groups=frozenset(groups),
             expires_at=int(verified.claims["exp"]),
         )
 

@@ -107,13 +107,16 @@ def decide(
     backend: str,
     *,
     requested_ttl: int | None = None,
+    datasets: Sequence[str] = (),
 ) -> Decision:
     """Decide whether ``identity`` may do ``action`` on ``model`` through ``backend``.
 
     Rules are tried in file order and the first one whose every check passes decides. No match
     (or no rules at all) is a deny. A match for a ``low`` action allows it; for an
     ``elevated`` or ``privileged`` action it requires approval. The TTL is the requested one
-    capped at the action's ``max_ttl`` (``max_ttl`` when none is requested).
+    capped at the action's ``max_ttl`` and its tier's ``max_ttl`` (the smaller of those when none
+    is requested). ``datasets`` are the URIs the request would introduce; a rule that lists
+    ``datasets`` matches only when each of them matches one of its patterns.
 
     Raises:
         InvalidTarget: the model is unknown, or does not configure ``backend``.
@@ -127,10 +130,13 @@ def decide(
             f"model {model!r} has no {_shown(backend)} backend; "
             f"configured: {', '.join(model_config.backend_names())}"
         )
-    ttl = _ttl(action_config, requested_ttl)
+    tier = policy.policy.tiers.get(action_config.tier)
+    ttl = _ttl(action_config, requested_ttl, tier.max_ttl if tier else None)
     misses: list[RuleMiss] = []
     for compiled in policy.rules:
-        miss = _first_miss(compiled, identity, model, action, backend)
+        miss = _first_miss(compiled, identity, model, action, backend) or _dataset_miss(
+            compiled, datasets
+        )
         if miss is None:
             return _matched(
                 compiled,
@@ -172,12 +178,25 @@ def _action(policy: LoadedPolicy, action: str) -> ActionConfig:
     return config
 
 
-def _ttl(action: ActionConfig, requested: int | None) -> int:
+def _ttl(action: ActionConfig, requested: int | None, tier_cap: int | None) -> int:
+    cap = action.max_ttl if tier_cap is None else min(action.max_ttl, tier_cap)
     if requested is None:
-        return action.max_ttl
+        return cap
     if requested <= 0:
         raise InvalidRequest(f"the requested TTL must be positive, got {requested} seconds")
-    return min(requested, action.max_ttl)
+    return min(requested, cap)
+
+
+def _dataset_miss(compiled: CompiledRule, datasets: Sequence[str]) -> RuleMiss | None:
+    """The first dataset the rule does not allow (rules without ``datasets`` allow any)."""
+    if not compiled.datasets:
+        return None
+    for uri in datasets:
+        if not any(glob_matches(pattern, uri) for pattern in compiled.datasets):
+            return RuleMiss(
+                compiled.rule.name, "datasets", _one_of(compiled.rule.datasets), _shown(uri)
+            )
+    return None
 
 
 def _first_miss(
@@ -276,7 +295,8 @@ def _matched(
 def _check_label(check: str) -> str:
     if check.startswith("claims."):
         return f"claim {check.removeprefix('claims.')}"
-    return {"models": "model", "actions": "action", "backends": "backend"}.get(check, check)
+    labels = {"models": "model", "actions": "action", "backends": "backend", "datasets": "dataset"}
+    return labels.get(check, check)
 
 
 def _one_of(values: Sequence[str]) -> str:

@@ -111,6 +111,7 @@ def parse_policy(text: str, *, source: str, base_dir: Path, dev_mode: bool = Fal
     _check_unique_names(policy, source)
     for index, rule in enumerate(policy.rules):
         _check_rule_references(policy, index, rule, source)
+    _check_people(policy, source)
     policy, jwks = _load_key_sets(policy, source, base_dir)
     digest = policy_digest(
         policy, jwks_fingerprints={name: sha256_digest(doc) for name, doc in jwks.items()}
@@ -287,6 +288,25 @@ def _check_unique(source: str, section: str, attr: str, label: str, values: list
                 f"duplicate {label} {value!r} (also {section}[{first_seen[value]}])",
             )
         first_seen[value] = index
+
+
+def _check_people(policy: Policy, source: str) -> None:
+    """Every identity in ``people`` names a defined issuer, and belongs to one person only."""
+    owner: dict[tuple[str, str | None, str | None, str | None], str] = {}
+    for person, refs in policy.people.items():
+        for position, ref in enumerate(refs):
+            where = f"people.{person}[{position}]"
+            if policy.issuer_by_name(ref.issuer) is None:
+                names = list_known(i.name for i in policy.issuers)
+                raise PolicyError(
+                    source, f"{where}.issuer", f"issuer {ref.issuer!r} is not defined; {names}"
+                )
+            key = (ref.issuer, ref.subject, ref.claim, ref.value)
+            if key in owner and owner[key] != person:
+                raise PolicyError(
+                    source, where, f"this identity is already mapped to {owner[key]!r}"
+                )
+            owner[key] = person
 
 
 def _check_rule_references(policy: Policy, index: int, rule: Rule, source: str) -> None:

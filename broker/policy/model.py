@@ -147,6 +147,9 @@ class ModelBackends(_Strict):
 class ModelConfig(_Strict):
     owners: list[str] = Field(default_factory=list)
     backends: ModelBackends = Field(default_factory=ModelBackends)
+    approvers: list[str] = Field(default_factory=list)
+    """Groups (values of a people issuer's roles claim) whose approvers may review requests for
+    this model; empty: any person with the ``approver`` role."""
 
     def has_backend(self, backend: str) -> bool:
         """Whether credentials for this model can come from ``backend`` (``jwt`` always can)."""
@@ -225,6 +228,46 @@ class Rule(_Strict):
         return self
 
 
+class TierConfig(_Strict):
+    max_ttl: Duration
+    """A cap on every action of this tier, on top of the action's own max_ttl."""
+
+
+class WebhookConfig(_Strict):
+    url: str = Field(pattern=r"^https?://\S+$")
+    timeout: Duration = 5
+    retries: int = Field(default=3, ge=0, le=10)
+
+
+class ApprovalSettings(_Strict):
+    pending_ttl: Duration = 86400
+    """A request not decided within this expires."""
+    approved_ttl: Duration = 3600
+    """An approved request not used within this expires."""
+    rollback_test_max_age: Duration = 7 * 86400
+    """Evidence that rolling back was exercised must be at most this old when approved."""
+    webhook: WebhookConfig | None = None
+    """Called (JSON POST, never with tokens) when a request is opened and when it resolves."""
+
+
+class IdentityRef(_Strict):
+    """One identity of a person: a subject of an issuer, or a workload claim naming them
+    (e.g. GitHub's ``actor`` claim for a workflow the person triggered)."""
+
+    issuer: str
+    subject: str | None = None
+    claim: str | None = None
+    value: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> IdentityRef:
+        if (self.subject is None) == (self.claim is None) or (self.claim is None) != (
+            self.value is None
+        ):
+            raise ValueError("give either subject, or claim and value")
+        return self
+
+
 class Policy(_Strict):
     """A validated policy file.
 
@@ -237,6 +280,11 @@ class Policy(_Strict):
     models: dict[str, ModelConfig] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list)
     roles: dict[RoleName, list[str]] = Field(default_factory=dict)
+    tiers: dict[Tier, TierConfig] = Field(default_factory=dict)
+    approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
+    people: dict[str, list[IdentityRef]] = Field(default_factory=dict)
+    """Person name → their identities, so that nobody reviews their own request through a
+    second identity."""
 
     def issuer_by_url(self, url: str) -> IssuerConfig | None:
         return next((i for i in self.issuers if i.issuer == url), None)

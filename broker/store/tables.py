@@ -8,7 +8,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, LargeBinary, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -127,3 +137,47 @@ class CheckpointRow(Base):
     root: Mapped[bytes] = mapped_column(LargeBinary(32))
     note: Mapped[str] = mapped_column(Text)
     signed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class ApprovalRow(Base):
+    """A just-in-time approval request, bound to ``binding`` (a digest of exactly what was
+    asked). pending → approved | denied | cancelled | expired; approved → used | expired."""
+
+    __tablename__ = "approval_requests"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    binding: Mapped[str] = mapped_column(String(80), index=True)
+    bound: Mapped[dict[str, Any]] = mapped_column(JSON)  # the binding's fields, to explain diffs
+    issuer: Mapped[str] = mapped_column(String(100))
+    subject: Mapped[str] = mapped_column(String(500))
+    model: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    backend: Mapped[str] = mapped_column(String(20))
+    tier: Mapped[str] = mapped_column(String(20))
+    rule: Mapped[str] = mapped_column(String(200))
+    approvals_required: Mapped[int] = mapped_column()
+    rollback_required: Mapped[bool] = mapped_column()
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    decided_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    approved_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    grant_id: Mapped[str | None] = mapped_column(String(40))
+
+    __table_args__ = (Index("ix_approvals_status_model", "status", "model"),)
+
+
+class ReviewRow(Base):
+    """One person's review of an approval request; each reviewer counts once."""
+
+    __tablename__ = "approval_reviews"
+
+    request_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("approval_requests.id"), primary_key=True
+    )
+    reviewer_issuer: Mapped[str] = mapped_column(String(100), primary_key=True)
+    reviewer_subject: Mapped[str] = mapped_column(String(500), primary_key=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

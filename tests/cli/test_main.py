@@ -137,3 +137,59 @@ def test_policy_explain(
     assert any(
         "job_workflow_ref" in r and "evil@refs/heads/main" in r for r in explained["reasons"]
     )
+
+
+def test_approvals_walk_through(
+    live_broker: tuple[LiveServer, Broker],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, broker = live_broker
+    assert broker.dev_issuer is not None
+    url = ("--url", server.url)
+    k8s = {"kubernetes.io": {"namespace": "training", "serviceaccount": {"name": "t", "uid": "u"}}}
+    sub = "system:serviceaccount:training:t"
+    job = tmp_path / "job.jwt"
+    job.write_text(broker.dev_issuer.mint(sub=sub, claims=k8s))
+    lineage = '{"datasets": ["s3://datasets/approved/x"]}'
+    common = ("--model", "llama-7b", "--action", "fine-tune", "--lineage", lineage)
+    code, out, _ = run(capsys, "approvals", "request", "--token", str(job), *common, "--json", *url)
+    assert code == 0
+    approval_id = json.loads(out)["id"]
+
+    monkeypatch.setenv("BROKER_TOKEN", broker.dev_issuer.mint(sub="bob", roles=["approver"]))
+    code, out, _ = run(capsys, "approvals", "list", "--status", "pending", *url)
+    assert code == 0 and approval_id in out
+    code, out, _ = run(capsys, "approvals", "approve", approval_id, "--reason", "looks right", *url)
+    assert code == 0 and "approved" in out and "looks right" in out
+
+    job.write_text(broker.dev_issuer.mint(sub=sub, claims=k8s))
+    code, out, _ = run(
+        capsys,
+        "token",
+        "exchange",
+        "--token",
+        str(job),
+        "--model",
+        "llama-7b",
+        "--action",
+        "fine-tune",
+        "--lineage",
+        lineage,
+        "--approval-id",
+        approval_id,
+        "--json",
+        *url,
+    )
+    assert code == 0, out
+    grant_id = json.loads(out)["grant_id"]
+    code, out, _ = run(capsys, "lineage", "llama-7b", *url)
+    assert (
+        code == 0
+        and grant_id in out
+        and "approve by bob" in out
+        and "s3://datasets/approved/x" in out
+    )
+    code, _, err = run(capsys, "approvals", "deny", approval_id, "--reason", "late", *url)
+    assert code == 1 and "already used" in err

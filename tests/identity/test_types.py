@@ -40,5 +40,6 @@ def test_person_cannot_be_constructed_directly() -> None:
             issuer="https://sso.example.com",
             subject="x",
             roles=frozenset({"admin"}),
+            groups=frozenset({"ml-platform-admins"}),
             expires_at=1,
         )

@@ -49,6 +49,7 @@ def test_example_policy_loads_in_dev_mode() -> None:
         "trainer",
         "dev-nightly-eval",
         "dev-trainer",
+        "dev-release",
     ]
     assert set(policy.models) == {"llama-7b", "mistral-7b"}
     assert policy.actions["deploy-weights"].max_ttl == 900

@@ -1,0 +1,1 @@
+"""Just-in-time approval of elevated and privileged actions (docs/approvals.md)."""

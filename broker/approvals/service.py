@@ -1,0 +1,389 @@
+"""Approval requests on the store: open, review, cancel, consume, expire. Every transition is an
+audit event in the same transaction as the change."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from broker.approvals.rules import (
+    ApprovalState,
+    Binding,
+    differences,
+    effective_state,
+    review_refusal,
+    rollback_gap,
+)
+from broker.approvals.webhook import Notifier
+from broker.audit.log import AuditLog, rfc3339
+from broker.errors import BrokerError, Conflict, Forbidden, InvalidRequest, NotFound
+from broker.identity.types import Person, WorkloadIdentity
+from broker.policy import Decision, LoadedPolicy
+from broker.policy.engine import claim_text
+from broker.store.db import Store
+from broker.store.tables import ApprovalRow, ReviewRow
+
+MAX_LIST = 1000
+
+
+class RollbackUntested(BrokerError):
+    """A rollback-gated request lacks a named rollback point or fresh evidence of a rollback."""
+
+    code = "rollback_untested"
+    status = 409
+
+
+def _new_id() -> str:
+    return "a_" + secrets.token_hex(12)
+
+
+def binding_for(
+    policy: LoadedPolicy,
+    identity: WorkloadIdentity,
+    decision: Decision,
+    lineage: dict[str, Any] | None,
+    reason: str | None,
+) -> Binding:
+    """What an approval for this request covers: the identity (with the claims the rule checked
+    and those ``people`` maps to a person, so separation of duties can see them), the target,
+    lineage, reason and policy."""
+    claims = dict(decision.matched_claims)
+    for refs in policy.policy.people.values():
+        for ref in refs:
+            if ref.claim and ref.issuer == identity.issuer_name and ref.claim in identity.claims:
+                text = claim_text(identity.claims[ref.claim])
+                if text is not None:
+                    claims[ref.claim] = text
+    return Binding(
+        issuer=identity.issuer_name,
+        subject=identity.subject,
+        claims=claims,
+        model=decision.model,
+        action=decision.action,
+        backend=decision.backend,
+        lineage=lineage,
+        reason=reason,
+        policy_digest=policy.digest,
+    )
+
+
+class ApprovalService:
+    def __init__(
+        self,
+        *,
+        policy: LoadedPolicy,
+        store: Store,
+        audit: AuditLog,
+        notifier: Notifier | None,
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self.policy = policy
+        self.store = store
+        self.audit = audit
+        self.notifier = notifier
+        self.clock = clock
+        self.settings = policy.policy.approval
+
+    # --- views ---------------------------------------------------------------------------------
+
+    def _view(self, session: Session, row: ApprovalRow, now: dt.datetime) -> dict[str, Any]:
+        reviews = session.scalars(
+            select(ReviewRow).where(ReviewRow.request_id == row.id).order_by(ReviewRow.at)
+        ).all()
+        state = effective_state(
+            row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
+        )
+        approvals = sum(1 for r in reviews if r.decision == "approve")
+        return {
+            "id": row.id,
+            "status": str(state),
+            "model": row.model,
+            "action": row.action,
+            "backend": row.backend,
+            "tier": row.tier,
+            "rule": row.rule,
+            "requester": {"issuer": row.issuer, "subject": row.subject},
+            "binding": row.binding,
+            "bound": row.bound,
+            "approvals": approvals,
+            "approvals_required": row.approvals_required,
+            "rollback_required": row.rollback_required,
+            "reviews": [
+                {
+                    "reviewer": {"issuer": r.reviewer_issuer, "subject": r.reviewer_subject},
+                    "decision": r.decision,
+                    "reason": r.reason,
+                    "at": r.at.isoformat(),
+                }
+                for r in reviews
+            ],
+            "created_at": row.created_at.isoformat(),
+            "expires_at": row.expires_at.isoformat(),
+            "decided_at": row.decided_at.isoformat() if row.decided_at else None,
+            "approved_until": row.approved_until.isoformat() if row.approved_until else None,
+            "used_at": row.used_at.isoformat() if row.used_at else None,
+            "grant_id": row.grant_id,
+        }
+
+    def get(self, approval_id: str) -> dict[str, Any]:
+        with self.store.read() as session:
+            return self._view(session, self._row(session, approval_id), self.clock())
+
+    def find(
+        self, *, status: str | None = None, model: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        now = self.clock()
+        query = select(ApprovalRow).order_by(ApprovalRow.created_at.desc(), ApprovalRow.id)
+        if model:
+            query = query.where(ApprovalRow.model == model)
+        if status and status not in set(ApprovalState):
+            known = ", ".join(ApprovalState)
+            raise InvalidRequest(f"status: expected one of {known}; got {status!r}")
+        with self.store.read() as session:
+            views = [self._view(session, r, now) for r in session.scalars(query.limit(MAX_LIST))]
+        return [v for v in views if status is None or v["status"] == status][: max(1, limit)]
+
+    @staticmethod
+    def _row(session: Session, approval_id: str, *, lock: bool = False) -> ApprovalRow:
+        row = session.get(ApprovalRow, approval_id, with_for_update=lock)
+        if row is None:
+            raise NotFound(f"approval request {approval_id!r} not found")
+        return row
+
+    def reviews_of(self, session: Session, approval_id: str) -> list[dict[str, Any]]:
+        row = session.get(ApprovalRow, approval_id)
+        return self._view(session, row, self.clock())["reviews"] if row else []
+
+    # --- opening -------------------------------------------------------------------------------
+
+    def open(self, decision: Decision, binding: Binding) -> tuple[dict[str, Any], bool]:
+        """The live (pending or approved) request for exactly ``binding``, or a new one.
+        Returns (view, created)."""
+        now = self.clock()
+        digest = binding.digest()
+        with self.store.write() as session:
+            for row in session.scalars(
+                select(ApprovalRow).where(
+                    ApprovalRow.binding == digest,
+                    ApprovalRow.status.in_([ApprovalState.PENDING, ApprovalState.APPROVED]),
+                )
+            ):
+                state = effective_state(
+                    row.status,
+                    now=now,
+                    expires_at=row.expires_at,
+                    approved_until=row.approved_until,
+                )
+                if state in (ApprovalState.PENDING, ApprovalState.APPROVED):
+                    return self._view(session, row, now), False
+            row = ApprovalRow(
+                id=_new_id(),
+                status=ApprovalState.PENDING,
+                binding=digest,
+                bound=binding.as_dict(),
+                issuer=binding.issuer,
+                subject=binding.subject,
+                model=binding.model,
+                action=binding.action,
+                backend=binding.backend,
+                tier=decision.tier,
+                rule=decision.rule or "",
+                approvals_required=decision.approvals_required,
+                rollback_required=decision.rollback_required,
+                created_at=now,
+                expires_at=now + dt.timedelta(seconds=self.settings.pending_ttl),
+            )
+            session.add(row)
+            self.audit.append(
+                session,
+                "approval.requested",
+                now,
+                {
+                    "approval_id": row.id,
+                    "binding": digest,
+                    "request": binding.as_dict(),
+                    "approvals_required": row.approvals_required,
+                    "tier": row.tier,
+                },
+            )
+            session.flush()
+            view = self._view(session, row, now)
+        self._notify("approval.requested", view)
+        return view, True
+
+    # --- using ---------------------------------------------------------------------------------
+
+    def unusable_because(self, approval_id: str, binding: Binding) -> str | None:
+        """Why ``approval_id`` cannot cover a request bound to ``binding`` now, or None."""
+        with self.store.read() as session:
+            row = session.get(ApprovalRow, approval_id)
+            if row is None:
+                return f"approval {approval_id!r} does not exist"
+            return self._unusable(row, binding, self.clock())
+
+    def _unusable(self, row: ApprovalRow, binding: Binding, now: dt.datetime) -> str | None:
+        state = effective_state(
+            row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
+        )
+        if state is not ApprovalState.APPROVED:
+            return f"approval {row.id} is {state}, not approved"
+        if row.binding != binding.digest():
+            changed = ", ".join(differences(row.bound, binding.as_dict())) or "the request"
+            return f"approval {row.id} was given for a different request (differs in: {changed})"
+        if row.rollback_required:
+            gap = rollback_gap(
+                binding.lineage, now=now, max_age=self.settings.rollback_test_max_age
+            )
+            if gap:
+                return gap
+        return None
+
+    def consume(self, session: Session, approval_id: str, binding: Binding, grant_id: str) -> None:
+        """Mark the approval used by ``grant_id`` in the exchange's own transaction. Single use:
+        only an approved, unexpired, matching request is updated. Raises Conflict otherwise."""
+        now = self.clock()
+        done = session.execute(
+            update(ApprovalRow)
+            .where(
+                ApprovalRow.id == approval_id,
+                ApprovalRow.status == ApprovalState.APPROVED,
+                ApprovalRow.binding == binding.digest(),
+                ApprovalRow.approved_until > now,
+            )
+            .values(status=ApprovalState.USED, used_at=now, grant_id=grant_id)
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]
+            raise Conflict(f"approval {approval_id} was used or expired meanwhile")
+        self.audit.append(
+            session, "approval.used", now, {"approval_id": approval_id}, grant_id=grant_id
+        )
+
+    # --- reviewing -----------------------------------------------------------------------------
+
+    def review(
+        self, approval_id: str, person: Person, decision: str, reason: str
+    ) -> dict[str, Any]:
+        """Record ``person``'s approve/deny. One deny resolves the request as denied; enough
+        distinct approvals resolve it as approved (once the rollback gate is satisfied)."""
+        if decision not in ("approve", "deny"):
+            raise InvalidRequest(f"decision: expected approve or deny, got {decision!r}")
+        now = self.clock()
+        with self.store.write() as session:
+            row = self._row(session, approval_id, lock=True)
+            self._settle_expiry(session, row, now)
+            if row.status != ApprovalState.PENDING:
+                raise Conflict(
+                    f"approval {approval_id} is already {row.status}; the first resolution is final"
+                )
+            earlier = session.scalars(select(ReviewRow).where(ReviewRow.request_id == row.id)).all()
+            refusal = review_refusal(
+                self.policy.policy,
+                person,
+                model=row.model,
+                requester=(row.issuer, row.subject, row.bound.get("claims", {})),
+                earlier_reviewers=[(r.reviewer_issuer, r.reviewer_subject) for r in earlier],
+            )
+            if refusal is not None:
+                kind, message = refusal
+                raise (Conflict if kind == "twice" else Forbidden)(message)
+            if decision == "approve" and row.rollback_required:
+                gap = rollback_gap(
+                    row.bound.get("lineage"), now=now, max_age=self.settings.rollback_test_max_age
+                )
+                if gap:
+                    raise RollbackUntested(f"approval {approval_id} cannot complete: {gap}")
+            session.add(
+                ReviewRow(
+                    request_id=row.id,
+                    reviewer_issuer=person.issuer_name,
+                    reviewer_subject=person.subject,
+                    decision=decision,
+                    reason=reason,
+                    at=now,
+                )
+            )
+            actor = {"issuer": person.issuer_name, "subject": person.subject}
+            self.audit.append(
+                session,
+                "approval.reviewed",
+                now,
+                {"approval_id": row.id, "reviewer": actor, "decision": decision, "reason": reason},
+            )
+            approvals = sum(1 for r in earlier if r.decision == "approve") + (decision == "approve")
+            resolved = None
+            if decision == "deny":
+                resolved = ApprovalState.DENIED
+            elif approvals >= row.approvals_required:
+                resolved = ApprovalState.APPROVED
+                row.approved_until = now + dt.timedelta(seconds=self.settings.approved_ttl)
+            if resolved is not None:
+                row.status = resolved
+                row.decided_at = now
+                self.audit.append(
+                    session,
+                    f"approval.{resolved}",
+                    now,
+                    {"approval_id": row.id, "approvals": approvals, "by": actor},
+                )
+            session.flush()
+            view = self._view(session, row, now)
+        if resolved is not None:
+            self._notify(f"approval.{resolved}", view)
+        return view
+
+    def cancel(self, approval_id: str, requester: WorkloadIdentity, reason: str) -> dict[str, Any]:
+        """Cancel a pending request; only its requester (same issuer and subject) may."""
+        now = self.clock()
+        with self.store.write() as session:
+            row = self._row(session, approval_id, lock=True)
+            if (requester.issuer_name, requester.subject) != (row.issuer, row.subject):
+                raise Forbidden("only the requester may cancel a request")
+            self._settle_expiry(session, row, now)
+            if row.status != ApprovalState.PENDING:
+                raise Conflict(f"approval {approval_id} is already {row.status}")
+            row.status = ApprovalState.CANCELLED
+            row.decided_at = now
+            self.audit.append(
+                session, "approval.cancelled", now, {"approval_id": row.id, "reason": reason}
+            )
+            session.flush()
+            view = self._view(session, row, now)
+        self._notify("approval.cancelled", view)
+        return view
+
+    # --- expiry --------------------------------------------------------------------------------
+
+    def _settle_expiry(self, session: Session, row: ApprovalRow, now: dt.datetime) -> None:
+        state = effective_state(
+            row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
+        )
+        if state is ApprovalState.EXPIRED and row.status != ApprovalState.EXPIRED:
+            was = row.status
+            row.status = ApprovalState.EXPIRED
+            self.audit.append(session, "approval.expired", now, {"approval_id": row.id, "was": was})
+
+    def expire_due(self) -> int:
+        """Mark pending requests past their deadline and unused approvals past their validity
+        as expired. Returns how many."""
+        now = self.clock()
+        with self.store.write() as session:
+            rows = session.scalars(
+                select(ApprovalRow)
+                .where(ApprovalRow.status.in_([ApprovalState.PENDING, ApprovalState.APPROVED]))
+                .with_for_update()
+            ).all()
+            expired = 0
+            for row in rows:
+                before = row.status
+                self._settle_expiry(session, row, now)
+                expired += row.status != before
+        return expired
+
+    def _notify(self, event: str, view: dict[str, Any]) -> None:
+        if self.notifier is not None:
+            self.notifier.notify(event, view, at=rfc3339(self.clock()))
