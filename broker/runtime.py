@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,11 +15,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
 from broker.audit.log import AuditLog
-from broker.backends.base import BackendRegistry
+from broker.backends.base import Backend, BackendRegistry
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
+from broker.backends.vault import JwtLogin, StaticToken, TokenSource, VaultBackend, vault_config
 from broker.dev.issuer import DevIssuer
-from broker.errors import ConfigError
+from broker.errors import BackendUnavailable, ConfigError
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
@@ -27,6 +29,8 @@ from broker.settings import Settings
 from broker.store.db import Store
 
 log = logging.getLogger("broker")
+STUCK_ISSUING_S = 60
+"""An ``issuing`` grant older than this is left over from a crash, not still committing."""
 
 
 class Metrics:
@@ -62,6 +66,7 @@ class Broker:
     notifier: WebhookNotifier | None
     dev_issuer: DevIssuer | None
     _stop: threading.Event = field(default_factory=threading.Event)
+    _last_reconcile: float = 0.0
     _worker: threading.Thread | None = None
 
     @property
@@ -69,9 +74,19 @@ class Broker:
         return str(self.settings.issuer_url)
 
     def maintain(self) -> None:
-        """One round of housekeeping: mark expired grants, sign a checkpoint if the log grew."""
+        """One round of housekeeping: expire grants and approvals, settle grants stuck
+        ``issuing``, retry due backend revocations, reconcile backend credentials (every
+        ``reconcile_interval``), and sign a checkpoint if the log grew."""
+        revocations = self.grants.revocations
         self.grants.expire_due()
         self.approvals.expire_due()
+        revocations.settle_stuck(older_than_s=STUCK_ISSUING_S)
+        revocations.process()
+        now = time.monotonic()
+        if now - self._last_reconcile >= self.settings.reconcile_interval:
+            self._last_reconcile = now
+            for item in revocations.reconcile(min_age_s=STUCK_ISSUING_S):
+                log.warning("reconciler revoked an orphan credential: %s", item)
         with self.store.write() as session:
             self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
 
@@ -95,6 +110,10 @@ class Broker:
             self._worker.join(timeout=10)
         if self.notifier is not None:
             self.notifier.close()
+        for backend in self.grants.backends.all():
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
         self.store.close()
 
 
@@ -111,6 +130,43 @@ def prepare_data_dir(path: Path) -> None:
         raise ConfigError(f"cannot create data dir {path}: {exc.strerror}") from exc
 
 
+def vault_backend(settings: Settings, policy: LoadedPolicy) -> VaultBackend:
+    """The vault backend from VAULT_ADDR and the broker's own Vault auth: a JWT login
+    (BROKER_VAULT_JWT_ROLE + BROKER_VAULT_JWT_FILE) or VAULT_TOKEN. Checks it can log in and is
+    not root; logs drift between Vault and what the policy renders. Raises ConfigError."""
+    assert settings.vault_addr is not None
+    source: TokenSource
+    if settings.vault_jwt_role and settings.vault_jwt_file:
+        jwt_file = settings.vault_jwt_file
+        source = JwtLogin(
+            settings.vault_jwt_role,
+            lambda: jwt_file.read_text().strip(),
+            mount=settings.vault_jwt_mount,
+        )
+    elif settings.vault_token is not None:
+        source = StaticToken(settings.vault_token.get_secret_value())
+    else:
+        raise ConfigError(
+            "VAULT_ADDR is set but the broker has no Vault auth: set BROKER_VAULT_JWT_ROLE and "
+            "BROKER_VAULT_JWT_FILE (preferred) or VAULT_TOKEN"
+        )
+    backend = VaultBackend(
+        settings.vault_addr,
+        source,
+        policy,
+        config=vault_config(policy.policy),
+        verify=settings.vault_cacert or True,
+    )
+    try:
+        backend.check()
+        for line in backend.drift():
+            log.warning("vault drift: %s", line)
+    except BackendUnavailable as exc:
+        # Vault down at start-up must not stop jwt exchanges; vault ones get 503 until it is back.
+        log.warning("vault is unavailable at start-up: %s", exc.description)
+    return backend
+
+
 def build_broker(settings: Settings) -> Broker:
     """Load the policy, open and migrate the store, load keys. Raises ConfigError/PolicyError."""
     settings = settings.resolved()
@@ -124,7 +180,10 @@ def build_broker(settings: Settings) -> Broker:
     dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
     jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
     verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
-    backends = BackendRegistry({"jwt": JwtBackend(keys, str(settings.issuer_url))})
+    enabled: dict[str, Backend] = {"jwt": JwtBackend(keys, str(settings.issuer_url))}
+    if settings.vault_addr:
+        enabled["vault"] = vault_backend(settings, policy)
+    backends = BackendRegistry(enabled)
     webhook = policy.policy.approval.webhook
     notifier = WebhookNotifier(webhook) if webhook else None
     approvals = ApprovalService(

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import ConfigError
@@ -25,7 +25,7 @@ def is_loopback(host: str) -> bool:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore", populate_by_name=True)
 
     policy: Path | None = None
     data_dir: Path = Path(".broker")
@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     issuer_url: str | None = None
     dev: bool = False
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    vault_addr: str | None = Field(default=None, validation_alias=AliasChoices("VAULT_ADDR"))
+    """Enables the vault backend (the Vault ecosystem's own variable)."""
+    vault_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("VAULT_TOKEN")
+    )
+    vault_cacert: str | None = Field(default=None, validation_alias=AliasChoices("VAULT_CACERT"))
+    vault_jwt_role: str | None = None
+    """Log in to Vault with JWT auth as this role (instead of VAULT_TOKEN)..."""
+    vault_jwt_file: Path | None = None
+    """...presenting the broker's own identity token read from this file (re-read each login)."""
+    vault_jwt_mount: str = "jwt"
+    reconcile_interval: float = Field(default=300.0, gt=0)
+    """Seconds between reconciler runs (backend credentials without an active grant)."""
     checkpoint_interval: float = Field(default=60.0, gt=0)
     """Seconds between maintenance rounds: expiry sweep and a new checkpoint if the log grew."""
 

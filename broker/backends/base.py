@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from broker.errors import InvalidRequest
 from broker.grants.model import Grant
@@ -37,6 +37,10 @@ class Credential:
 class Backend(Protocol):
     name: str
     token_type: str
+    external: bool
+    """True when issuing creates state outside the broker (a Vault token, an AWS session):
+    such grants are written ``issuing`` before the backend is called, so a crash in between
+    leaves a row the reconciler can act on."""
 
     def issue(self, grant: Grant) -> Credential:
         """Mint a credential for ``grant``. Raises BackendUnavailable when it cannot."""
@@ -47,12 +51,28 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
+class Reconcilable(Protocol):
+    """A backend that can list the live credentials it issued for grants (reconciler)."""
+
+    def list_live(self, *, min_age_s: int = 0) -> list[tuple[str, str]]:
+        """(grant_id, credential_ref) of every live credential carrying broker metadata."""
+        ...
+
+    def revoke_ref(self, grant_id: str, credential_ref: str) -> bool:
+        """Revoke one such credential; True once the backend confirmed."""
+        ...
+
+
 class BackendRegistry:
     def __init__(self, backends: Mapping[str, Backend]) -> None:
         self._backends = dict(backends)
 
     def names(self) -> list[str]:
         return sorted(self._backends)
+
+    def all(self) -> list[Backend]:
+        return [self._backends[name] for name in self.names()]
 
     def get(self, name: str) -> Backend:
         try:

@@ -22,6 +22,7 @@ def default_audience(model: str) -> str:
 class JwtBackend:
     name = "jwt"
     token_type = TOKEN_TYPE_JWT
+    external = False  # signing is local; nothing exists until the response is sent
 
     def __init__(self, keys: KeyRing, issuer_url: str) -> None:
         self._keys = keys

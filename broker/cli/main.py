@@ -275,6 +275,34 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Run the broker's housekeeping once, here: revoke backend credentials with no active
+    grant, settle grants stuck issuing, retry due revocations."""
+    from broker.runtime import build_broker
+    from broker.settings import Settings
+
+    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.policy:
+        overrides["policy"] = args.policy
+    if args.dev:
+        overrides["dev"] = True
+    broker = build_broker(Settings(**overrides))
+    try:
+        revocations = broker.grants.revocations
+        stuck = revocations.settle_stuck(older_than_s=args.min_age)
+        orphans = revocations.reconcile(min_age_s=args.min_age)
+        confirmed = revocations.process()
+    finally:
+        broker.close()
+    data = {"stuck_settled": stuck, "orphans_revoked": orphans, "revocations_confirmed": confirmed}
+    human = (
+        f"settled {stuck} stuck grant(s); revoked {len(orphans)} orphan credential(s); "
+        f"{confirmed} queued revocation(s) confirmed"
+    )
+    _out(args, data, lambda: human)
+    return EXIT_OK
+
+
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     result = _client(args, bearer=True).rotate_keys()
     _out(args, result, lambda: f"current key {result['kid']}; retired {result['retired_kid']}")
@@ -580,6 +608,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     _common(p, bearer=True)
     p.set_defaults(func=cmd_lineage)
+
+    p = sub.add_parser("reconcile", help="revoke backend credentials that no active grant owns")
+    p.add_argument("--policy", type=Path)
+    p.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("BROKER_DATA_DIR", ".broker"))
+    )
+    p.add_argument("--dev", action="store_true")
+    p.add_argument(
+        "--min-age", type=int, default=60, help="spare credentials younger than this (s)"
+    )
+    _common(p, url=False)
+    p.set_defaults(func=cmd_reconcile)
 
     keys = sub.add_parser("keys", help="the broker's signing keys").add_subparsers(
         dest="keys_cmd", required=True

@@ -11,9 +11,11 @@ from broker.store.tables import GrantRow
 
 
 class GrantStatus(StrEnum):
+    ISSUING = "issuing"  # an external backend is being asked; not usable yet
     ACTIVE = "active"
     EXPIRED = "expired"
     REVOKED = "revoked"
+    FAILED = "failed"  # the backend or the commit failed; nothing usable was handed out
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ dropped unseen and the caller gets 503. Every attempt, allowed or denied, is an 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 from broker.approvals.rules import Binding
 from broker.approvals.service import ApprovalService, binding_for
 from broker.audit.log import AuditLog, rfc3339
-from broker.backends.base import BackendRegistry, Credential
+from broker.backends.base import Backend, BackendRegistry, Credential
 from broker.backends.jwt import default_audience
 from broker.errors import (
     AccessDenied,
@@ -36,12 +37,14 @@ from broker.errors import (
 )
 from broker.grants.lineage import lineage_datasets, parse_lineage
 from broker.grants.model import Grant, GrantStatus
+from broker.grants.revocation import Revocations
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
 from broker.store.db import Store
 from broker.store.tables import GrantRow, UsedTokenRow
 
+log = logging.getLogger("broker.grants")
 MAX_REASON_CHARS = 1000
 MAX_REASONS_SHOWN = 5
 MAX_LIST = 1000
@@ -78,6 +81,12 @@ class ExchangeResult:
     credential: Credential
 
 
+@dataclass(slots=True)
+class _Attempt:
+    spent: bool = False
+    """The single-use token was spent by this attempt's first transaction."""
+
+
 def _new_grant_id() -> str:
     return "g_" + secrets.token_hex(12)
 
@@ -102,6 +111,9 @@ class GrantService:
     ) -> None:
         self.audit = audit
         self.approvals = approvals
+        self.revocations = Revocations(
+            store=store, audit=audit, backends=lambda: self.backends, clock=clock
+        )
         self.policy = policy
         self.verifier = verifier
         self.store = store
@@ -114,18 +126,19 @@ class GrantService:
         """Run one token exchange. Raises a BrokerError subclass for every refusal; the refusal
         has been recorded as an ``exchange.denied`` event before it is raised."""
         identity: WorkloadIdentity | None = None
+        attempt = _Attempt()
         try:
             identity = self.verifier.verify_workload(req.subject_token)
             if identity.jti is not None and len(identity.jti) > MAX_JTI_CHARS:
                 raise IdentityRejected(f"claim jti: longer than {MAX_JTI_CHARS} characters")
-            return self._allow(identity, req)
+            return self._allow(identity, req, attempt)
         except AuditUnavailable:
             raise
         except TokenReplayed as error:
             self._record_denial(req, identity, error, consume=False)
             raise
         except BrokerError as error:
-            self._record_denial(req, identity, error, consume=True)
+            self._record_denial(req, identity, error, consume=not attempt.spent)
             raise
 
     def decide(
@@ -177,7 +190,9 @@ class GrantService:
         text = f"{problem}; " if problem else ""
         raise ApprovalRequired(f"{text}{needed}; {state}", approval_id=view["id"])
 
-    def _allow(self, identity: WorkloadIdentity, req: ExchangeRequest) -> ExchangeResult:
+    def _allow(
+        self, identity: WorkloadIdentity, req: ExchangeRequest, attempt: _Attempt
+    ) -> ExchangeResult:
         backend = self.backends.for_token_type(req.token_type)
         decision, lineage = self.decide(identity, req, backend.name)
         approval_id = None
@@ -208,36 +223,94 @@ class GrantService:
             expires_at=now + dt.timedelta(seconds=decision.ttl_seconds),
             status=GrantStatus.ACTIVE,
         )
-        credential = backend.issue(grant)
-        with self.store.write() as session:
-            self._consume(session, identity)
-            session.add(_grant_row(grant, identity, credential))
+        allowed = {
+            "identity": _identity_event(identity),
+            "model": grant.model,
+            "action": grant.action,
+            "tier": grant.tier,
+            "backend": grant.backend,
+            "rule": grant.rule,
+            "policy_digest": grant.policy_digest,
+            "claims": claims,
+            "audience": audience,
+            "reason": grant.reason,
+            "lineage": lineage,
+            "approval_id": approval_id,
+            "expires_at": rfc3339(grant.expires_at),
+            "token_hmac": self.audit.token_hmac(req.subject_token),
+        }
+
+        def commit(session: Session, credential: Credential) -> None:
+            """What makes the grant active, in one transaction with its event."""
             if approval_id is not None and binding is not None:
                 self.approvals.consume(session, approval_id, binding, grant.id)
             self.audit.append(
                 session,
                 "exchange.allowed",
                 now,
-                {
-                    "identity": _identity_event(identity),
-                    "model": grant.model,
-                    "action": grant.action,
-                    "tier": grant.tier,
-                    "backend": grant.backend,
-                    "rule": grant.rule,
-                    "policy_digest": grant.policy_digest,
-                    "claims": claims,
-                    "audience": audience,
-                    "reason": grant.reason,
-                    "lineage": lineage,
-                    "approval_id": approval_id,
-                    "expires_at": rfc3339(grant.expires_at),
-                    "credential_ref": credential.credential_ref,
-                    "token_hmac": self.audit.token_hmac(req.subject_token),
-                },
+                {**allowed, "credential_ref": credential.credential_ref},
                 grant_id=grant.id,
             )
+
+        if not backend.external:
+            credential = backend.issue(grant)
+            with self.store.write() as session:
+                self._consume(session, identity)
+                session.add(
+                    _grant_row(grant, identity, credential.credential_ref, GrantStatus.ACTIVE)
+                )
+                commit(session, credential)
+            return ExchangeResult(grant=grant, credential=credential)
+        return self._issue_external(grant, identity, backend, attempt, commit)
+
+    def _issue_external(
+        self,
+        grant: Grant,
+        identity: WorkloadIdentity,
+        backend: Backend,
+        attempt: _Attempt,
+        commit: Callable[[Session, Credential], None],
+    ) -> ExchangeResult:
+        """``issuing`` row → backend → ``active``. NOTE: a crash between the backend and the
+        commit leaves an ``issuing`` row and a credential carrying the grant id: the reconciler
+        revokes it. Any failure marks the grant ``failed`` and revokes what was issued."""
+        with self.store.write() as session:
+            self._consume(session, identity)
+            session.add(_grant_row(grant, identity, None, GrantStatus.ISSUING))
+        attempt.spent = True
+        try:
+            credential = backend.issue(grant)
+        except BrokerError:
+            self._fail(grant.id, enqueue=False)
+            raise
+        try:
+            with self.store.write() as session:
+                row = session.get(GrantRow, grant.id, with_for_update=True)
+                assert row is not None
+                row.status = GrantStatus.ACTIVE
+                row.credential_ref = credential.credential_ref
+                commit(session, credential)
+        except BrokerError:
+            self._fail(grant.id, enqueue=True, credential_ref=credential.credential_ref)
+            raise
         return ExchangeResult(grant=grant, credential=credential)
+
+    def _fail(self, grant_id: str, *, enqueue: bool, credential_ref: str | None = None) -> None:
+        """Best effort: mark an ``issuing`` grant failed and revoke what the backend issued.
+        If the store is down too, the stuck ``issuing`` row is settled by maintenance."""
+        try:
+            with self.store.write() as session:
+                row = session.get(GrantRow, grant_id, with_for_update=True)
+                if row is None or row.status != GrantStatus.ISSUING:
+                    return
+                row.status = GrantStatus.FAILED
+                row.credential_ref = credential_ref
+                if enqueue:
+                    self.revocations.enqueue(session, row, self.clock())
+            if enqueue:
+                self.revocations.process([grant_id])
+        except BrokerError:
+            log.exception("could not settle grant %s; maintenance will", grant_id)
 
     def _audience(self, req: ExchangeRequest, decision: Decision) -> str:
         default = default_audience(decision.model)
@@ -385,7 +458,8 @@ class GrantService:
                 when = current.revoked_at or current.expires_at
                 raise Conflict(f"grant {grant_id} is already {current.status} (since {when})")
             self._mark_revoked(session, row, actor, reason, now)
-        return self._revoke_at_backend(grant_id)
+        self.revocations.process([grant_id])
+        return self.get(grant_id)
 
     def revoke_matching(
         self,
@@ -415,8 +489,7 @@ class GrantService:
             for row in rows:
                 self._mark_revoked(session, row, actor, reason, now)
             ids = [row.id for row in rows]
-        for grant_id in ids:
-            self._revoke_at_backend(grant_id)
+        self.revocations.process(ids)
         return ids
 
     def _mark_revoked(
@@ -426,7 +499,7 @@ class GrantService:
         row.revoked_at = now
         row.revoked_by = _actor(actor)
         row.revoke_reason = _clean_reason(reason)
-        row.backend_revocation = "pending"
+        self.revocations.enqueue(session, row, now)
         self.audit.append(
             session,
             "grant.revoked",
@@ -442,40 +515,20 @@ class GrantService:
             grant_id=row.id,
         )
 
-    def _revoke_at_backend(self, grant_id: str) -> Grant:
-        with self.store.read() as session:
-            row = session.get(GrantRow, grant_id)
-            assert row is not None
-            grant, ref = Grant.from_row(row, self.clock()), row.credential_ref
-        try:
-            confirmed = self.backends.get(grant.backend).revoke(grant, ref)
-        except BrokerError:
-            confirmed = False
-        outcome = "confirmed" if confirmed else "failed"
-        now = self.clock()
-        with self.store.write() as session:
-            row = session.get(GrantRow, grant_id, with_for_update=True)
-            assert row is not None
-            row.backend_revocation = outcome
-            self.audit.append(
-                session,
-                f"grant.backend_revocation_{outcome}",
-                now,
-                {"backend": row.backend, "credential_ref": row.credential_ref},
-                grant_id=grant_id,
-            )
-            return Grant.from_row(row, now)
-
     def expire_due(self) -> int:
         """Mark active grants past their expiry as expired, one ``grant.expired`` event each.
         Returns how many. Expiry needs no marking to take effect (reads derive it); this keeps
         the stored status and the log honest."""
         now = self.clock()
         query = select(GrantRow).where(GrantRow.status == "active", GrantRow.expires_at <= now)
+        external = {b.name for b in self.backends.all() if b.external}
         with self.store.write() as session:
             rows = list(session.scalars(query.limit(MAX_LIST).with_for_update()))
             for row in rows:
                 row.status = GrantStatus.EXPIRED
+                if row.backend in external:
+                    # The backend's own TTL is the first line; this is the second.
+                    self.revocations.enqueue(session, row, now)
                 self.audit.append(
                     session,
                     "grant.expired",
@@ -521,7 +574,9 @@ def _identity_event(identity: WorkloadIdentity) -> dict[str, Any]:
     }
 
 
-def _grant_row(grant: Grant, identity: WorkloadIdentity, credential: Credential) -> GrantRow:
+def _grant_row(
+    grant: Grant, identity: WorkloadIdentity, credential_ref: str | None, status: GrantStatus
+) -> GrantRow:
     return GrantRow(
         id=grant.id,
         issuer=grant.issuer,
@@ -541,6 +596,6 @@ def _grant_row(grant: Grant, identity: WorkloadIdentity, credential: Credential)
         approval_id=grant.approval_id,
         issued_at=grant.issued_at,
         expires_at=grant.expires_at,
-        status=str(GrantStatus.ACTIVE),
-        credential_ref=credential.credential_ref,
+        status=str(status),
+        credential_ref=credential_ref,
     )

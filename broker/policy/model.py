@@ -131,6 +131,15 @@ class JwtBackendConfig(_Strict):
 
 class VaultBackendConfig(_Strict):
     policy_paths: list[str] = Field(min_length=1)
+    database_role: str | None = None
+    """A role of Vault's database secrets engine: ``database_actions`` get dynamic logins."""
+    database_actions: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _database(self) -> VaultBackendConfig:
+        if bool(self.database_role) != bool(self.database_actions):
+            raise ValueError("give database_role and database_actions together")
+        return self
 
 
 class AwsBackendConfig(_Strict):

@@ -154,7 +154,7 @@ def test_approval_does_not_cover_different_lineage_or_backend(
     assert "differs in: lineage" in resp.json()["error_description"]
 
     class FakeVault:  # our own Backend Protocol, to show the binding covers the backend
-        name, token_type = "vault", "urn:broker:token-type:vault-token"
+        name, token_type, external = "vault", "urn:broker:token-type:vault-token", False
 
         def issue(self, grant: Grant) -> Credential:
             return Credential("v", self.token_type, "Bearer", grant.expires_at, grant.id)

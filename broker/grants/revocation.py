@@ -1,0 +1,183 @@
+"""Revocation that reaches the backend: a durable queue, retried with backoff until the backend
+confirms (across restarts), and a reconciler for backend credentials that no active grant owns.
+
+Every attempt's outcome is an audit event: ``grant.backend_revocation_confirmed`` or
+``grant.backend_revocation_failed`` (with ``retry_at``, or ``permanent: true``), and
+``reconcile.revoked`` for an orphan the reconciler removed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.audit.log import AuditLog, rfc3339
+from broker.backends.base import BackendRegistry, Reconcilable
+from broker.errors import BrokerError, TemporarilyUnavailable
+from broker.grants.model import Grant, GrantStatus
+from broker.store.db import Store
+from broker.store.tables import GrantRow, RevocationRow
+
+log = logging.getLogger("broker.revocation")
+MAX_BACKOFF_S = 600
+BATCH = 100
+
+
+def backoff(attempts: int) -> int:
+    """Seconds before retry number ``attempts`` + 1: 5, 10, 20, ... capped at 10 minutes."""
+    return int(min(5 * 2 ** max(attempts - 1, 0), MAX_BACKOFF_S))
+
+
+class Revocations:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        audit: AuditLog,
+        backends: Callable[[], BackendRegistry],
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self.backends = backends
+        self.clock = clock
+
+    def enqueue(self, session: Session, row: GrantRow, now: dt.datetime) -> None:
+        """Queue the backend revocation of ``row``'s credential, in the caller's transaction."""
+        row.backend_revocation = "pending"
+        session.add(
+            RevocationRow(
+                grant_id=row.id,
+                backend=row.backend,
+                credential_ref=row.credential_ref,
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+
+    def process(self, grant_ids: list[str] | None = None) -> int:
+        """Attempt every due job (or the pending jobs of ``grant_ids``, due or not). Returns how
+        many were confirmed. Never raises for a backend failure: that is recorded and retried."""
+        now = self.clock()
+        query = select(RevocationRow.id).where(RevocationRow.status == "pending")
+        if grant_ids is not None:
+            query = query.where(RevocationRow.grant_id.in_(grant_ids))
+        else:
+            query = query.where(RevocationRow.next_attempt_at <= now)
+        with self.store.read() as session:
+            job_ids = list(session.scalars(query.order_by(RevocationRow.id).limit(BATCH)))
+        return sum(self._attempt(job_id) for job_id in job_ids)
+
+    def _attempt(self, job_id: int) -> bool:
+        with self.store.read() as session:
+            job = session.get(RevocationRow, job_id)
+            row = session.get(GrantRow, job.grant_id) if job else None
+            if job is None or row is None or job.status != "pending":
+                return False
+            grant, backend_name, ref = (
+                Grant.from_row(row, self.clock()),
+                job.backend,
+                job.credential_ref,
+            )
+        error: BrokerError | None = None
+        try:
+            confirmed = self.backends().get(backend_name).revoke(grant, ref)
+        except BrokerError as exc:
+            confirmed, error = False, exc
+        retry = error is None or isinstance(error, TemporarilyUnavailable)
+        now = self.clock()
+        with self.store.write() as session:
+            job = session.get(RevocationRow, job_id, with_for_update=True)
+            row = session.get(GrantRow, grant.id, with_for_update=True)
+            assert job is not None and row is not None
+            job.attempts += 1
+            data: dict[str, Any] = {
+                "backend": backend_name,
+                "credential_ref": ref,
+                "attempt": job.attempts,
+            }
+            if confirmed:
+                job.status, job.done_at, job.last_error = "confirmed", now, None
+                row.backend_revocation = "confirmed"
+                self.audit.append(
+                    session, "grant.backend_revocation_confirmed", now, data, grant_id=grant.id
+                )
+                return True
+            job.last_error = error.description if error else "the backend did not confirm"
+            data["error"] = job.last_error
+            if retry:
+                job.next_attempt_at = now + dt.timedelta(seconds=backoff(job.attempts))
+                data["retry_at"] = rfc3339(job.next_attempt_at)
+            else:
+                job.status, job.done_at = "failed", now
+                row.backend_revocation = "failed"
+                data["permanent"] = True
+            self.audit.append(
+                session, "grant.backend_revocation_failed", now, data, grant_id=grant.id
+            )
+        log.warning(
+            "revocation of grant %s at %s failed: %s", grant.id, backend_name, data["error"]
+        )
+        return False
+
+    def settle_stuck(self, older_than_s: int) -> int:
+        """Grants left ``issuing`` (the broker died between the backend and the commit) become
+        ``failed``, and whatever the backend may have issued for them is queued for revocation."""
+        now = self.clock()
+        cutoff = now - dt.timedelta(seconds=older_than_s)
+        with self.store.write() as session:
+            rows = session.scalars(
+                select(GrantRow)
+                .where(GrantRow.status == GrantStatus.ISSUING, GrantRow.issued_at <= cutoff)
+                .with_for_update()
+            ).all()
+            for row in rows:
+                row.status = GrantStatus.FAILED
+                self.enqueue(session, row, now)
+                self.audit.append(
+                    session,
+                    "grant.failed",
+                    now,
+                    {"backend": row.backend, "stuck": True},
+                    grant_id=row.id,
+                )
+        return len(rows)
+
+    def reconcile(self, *, min_age_s: int = 60) -> list[dict[str, Any]]:
+        """Revoke every backend credential carrying broker metadata whose grant is not active
+        (unknown, revoked, expired, failed, or stuck ``issuing``). ``min_age_s`` spares
+        credentials whose grant may still be committing. Returns what was revoked."""
+        removed = []
+        for backend in self.backends().all():
+            if not getattr(backend, "external", False) or not isinstance(backend, Reconcilable):
+                continue
+            for grant_id, ref in backend.list_live(min_age_s=min_age_s):
+                status = self._status(grant_id)
+                if status == GrantStatus.ACTIVE:
+                    continue
+                confirmed = backend.revoke_ref(grant_id, ref)
+                item = {
+                    "grant_id": grant_id,
+                    "backend": backend.name,
+                    "credential_ref": ref,
+                    "grant_status": status,
+                    "confirmed": confirmed,
+                }
+                with self.store.write() as session:
+                    self.audit.append(
+                        session, "reconcile.revoked", self.clock(), item, grant_id=grant_id
+                    )
+                removed.append(item)
+        return removed
+
+    def _status(self, grant_id: str) -> str | None:
+        with self.store.read() as session:
+            row = session.get(GrantRow, grant_id)
+            return str(Grant.from_row(row, self.clock()).status) if row else None
