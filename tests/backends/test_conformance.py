@@ -1,19 +1,20 @@
-"""The shared conformance suite: every backend must pass it (jwt now; vault and aws later)."""
+"""The jwt backend against the shared conformance suite, and its own specifics."""
 
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
 import pytest
 
-from broker.backends.base import Backend, BackendRegistry
+from broker.backends.base import Backend, Credential
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
-from broker.errors import InvalidRequest
 from broker.grants.model import Grant, GrantStatus
+from tests.backends.conformance import BackendConformance, NewGrant, Works
 
 ISSUER = "http://127.0.0.1:9"
 
@@ -44,36 +45,32 @@ def make_grant(**overrides: object) -> Grant:
     return Grant(**fields)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["jwt"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "jwt":
-        yield JwtBackend(KeyRing(tmp_path / "keys"), ISSUER)
+class TestJwtConformance(BackendConformance):
+    @pytest.fixture
+    def keys(self, tmp_path: Path) -> KeyRing:
+        return KeyRing(tmp_path / "keys")
 
+    @pytest.fixture
+    def backend(self, keys: KeyRing) -> Iterator[Backend]:
+        yield JwtBackend(keys, ISSUER)
 
-def test_issue_returns_a_credential_bound_to_the_grant(backend: Backend) -> None:
-    grant = make_grant(backend=backend.name)
-    cred = backend.issue(grant)
-    assert cred.access_token
-    assert cred.issued_token_type == backend.token_type
-    assert cred.expires_at == grant.expires_at
-    assert cred.credential_ref
-    assert cred.access_token not in repr(cred)
+    @pytest.fixture
+    def new_grant(self) -> NewGrant:
+        return lambda: make_grant(id=f"g_{secrets.token_hex(8)}")
 
+    @pytest.fixture
+    def credential_works(self, keys: KeyRing) -> Works:
+        """A relying party's check: the signature verifies with the published keys."""
 
-def test_revoke_is_confirmed(backend: Backend) -> None:
-    grant = make_grant(backend=backend.name)
-    cred = backend.issue(grant)
-    assert backend.revoke(grant, cred.credential_ref) is True
+        def works(cred: Credential) -> bool:
+            kid = jwt.get_unverified_header(cred.access_token)["kid"]
+            key = keys.public_key(kid)
+            if key is None:
+                return False
+            jwt.decode(cred.access_token, key, algorithms=["ES256"], options={"verify_aud": False})
+            return True
 
-
-def test_registry_maps_token_types_and_refuses_disabled_ones(backend: Backend) -> None:
-    reg = BackendRegistry({backend.name: backend})
-    assert reg.for_token_type(backend.token_type) is backend
-    with pytest.raises(InvalidRequest, match="not supported"):
-        reg.for_token_type("urn:nope")
-    others = {"jwt", "vault", "aws"} - {backend.name}
-    with pytest.raises(InvalidRequest, match="not enabled"):
-        reg.get(others.pop())
+        return works
 
 
 def test_jwt_claims_and_audience(tmp_path: Path) -> None:

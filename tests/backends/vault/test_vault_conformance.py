@@ -1,24 +1,20 @@
-"""The shared backend conformance checks (tests/backends/test_conformance.py), run against the
-vault backend, for both kinds of credential it hands out: a token and a database login."""
+"""The shared backend conformance suite (tests/backends/conformance.py), run against the vault
+backend, for both kinds of credential it hands out: a token and a database login."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 from hvac.exceptions import Forbidden
 
-from broker.backends.base import TOKEN_TYPE_VAULT, Backend, BackendRegistry, Credential
+from broker.backends.base import TOKEN_TYPE_VAULT, Credential
 from broker.backends.vault import TOKEN_TYPE_DATABASE, VaultBackend
-from broker.errors import InvalidRequest
-from broker.grants.model import Grant
+from tests.backends.conformance import BackendConformance, NewGrant, Works
 from tests.backends.vault.conftest import VaultSetup, make_grant
 
 pytestmark = pytest.mark.integration
 
 # kind → (action, issued token type): evaluate on llama-7b gets database logins (EXAMPLE_CONFIG).
 KINDS = {"token": ("fine-tune", TOKEN_TYPE_VAULT), "database": ("evaluate", TOKEN_TYPE_DATABASE)}
-Works = Callable[[Credential], bool]
 
 
 @pytest.fixture(params=sorted(KINDS))
@@ -45,34 +41,14 @@ def credential_works(kind: str, vault: VaultSetup, request: pytest.FixtureReques
     return token_works
 
 
-def grant_for(kind: str, backend: Backend) -> Grant:
-    return make_grant(backend=backend.name, action=KINDS[kind][0])
+class TestVaultConformance(BackendConformance):
+    """Both kinds of vault credential: a token (fine-tune) and a database login (evaluate)."""
 
+    @pytest.fixture
+    def new_grant(self, kind: str) -> NewGrant:
+        return lambda: make_grant(backend="vault", action=KINDS[kind][0])
 
-def test_issue_returns_a_credential_bound_to_the_grant(kind: str, backend: VaultBackend) -> None:
-    grant = grant_for(kind, backend)
-    cred = backend.issue(grant)
-    assert cred.access_token
-    assert cred.issued_token_type == KINDS[kind][1]
-    assert cred.expires_at == grant.expires_at
-    assert cred.credential_ref
-    assert cred.access_token not in repr(cred)
-
-
-def test_revoke_is_confirmed_and_the_credential_stops_working(
-    kind: str, backend: VaultBackend, credential_works: Works
-) -> None:
-    grant = grant_for(kind, backend)
-    cred = backend.issue(grant)
-    assert credential_works(cred)
-    assert backend.revoke(grant, cred.credential_ref) is True
-    assert not credential_works(cred)
-
-
-def test_registry_maps_token_types_and_refuses_disabled_ones(backend: VaultBackend) -> None:
-    reg = BackendRegistry({backend.name: backend})
-    assert reg.for_token_type(backend.token_type) is backend
-    with pytest.raises(InvalidRequest, match="not supported"):
-        reg.for_token_type("urn:nope")
-    with pytest.raises(InvalidRequest, match="not enabled"):
-        reg.get("jwt")
+    def test_issues_the_kind_the_model_configures(
+        self, kind: str, backend: VaultBackend, new_grant: NewGrant
+    ) -> None:
+        assert backend.issue(new_grant()).issued_token_type == KINDS[kind][1]
