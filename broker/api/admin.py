@@ -65,10 +65,12 @@ def bulk_revoke(body: BulkRevokeBody, broker: BrokerDep, person: PersonDep) -> d
 
 @router.post("/keys/rotate")
 def rotate_keys(broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
-    """New current signing key; the old current stays published as previous, the old previous
-    is retired (tokens it signed stop verifying at relying parties that refresh their JWKS)."""
+    """The published next key starts signing; the old current stays published as previous;
+    the old previous is retired (tokens it signed stop verifying at relying parties that
+    refresh their JWKS); a new next key is published."""
     require_role(person, "admin")
     new = broker.keys.new_key()
+    current = broker.keys.next.kid
     retired = broker.keys.previous.kid if broker.keys.previous else None
     with broker.store.write() as session:
         # The event first: if it cannot be recorded the new key is never installed.
@@ -78,10 +80,11 @@ def rotate_keys(broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
             dt.datetime.now(dt.UTC),
             {
                 "actor": {"issuer": person.issuer_name, "subject": person.subject},
-                "kid": new.kid,
+                "kid": current,
+                "next_kid": new.kid,
                 "retired_kid": retired,
             },
         )
         session.flush()
         broker.keys.rotate(new)
-    return {"kid": new.kid, "retired_kid": retired}
+    return {"kid": current, "next_kid": new.kid, "retired_kid": retired}

@@ -71,24 +71,32 @@ def _load(path: Path) -> SigningKey:
 
 
 class KeyRing:
-    """Current and previous signing keys in ``<data_dir>/keys/``."""
+    """Next, current and previous signing keys in ``<data_dir>/keys/``.
+
+    The JWKS publishes all three. The next key is published one rotation before it signs
+    anything, so relying parties that refresh on a schedule, or rate-limit refetches on an
+    unknown ``kid``, already hold it when it takes over; the previous key keeps tokens signed
+    just before a rotation verifying until the rotation after.
+    """
 
     def __init__(self, directory: Path) -> None:
         self._dir = directory
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
-        current = self._dir / "jwt-current.pem"
-        if not current.exists():
-            _write_private(current, ec.generate_private_key(ec.SECP256R1()))
+        for name in ("jwt-current.pem", "jwt-next.pem"):
+            if not (self._dir / name).exists():
+                _write_private(self._dir / name, ec.generate_private_key(ec.SECP256R1()))
         self._reload()
 
     def _reload(self) -> None:
         self.current = _load(self._dir / "jwt-current.pem")
+        self.next = _load(self._dir / "jwt-next.pem")
         prev = self._dir / "jwt-previous.pem"
         self.previous = _load(prev) if prev.exists() else None
-        keys = [self.current] + ([self.previous] if self.previous else [])
-        self._by_kid = {k.kid: k for k in keys}
-        self._jwks = {"keys": [k.jwk for k in keys]}
+        signers = [self.current] + ([self.previous] if self.previous else [])
+        # Only keys that may have signed a broker JWT verify one here (introspection).
+        self._by_kid = {k.kid: k for k in signers}
+        self._jwks = {"keys": [k.jwk for k in (self.current, self.next, *signers[1:])]}
 
     def jwks(self) -> dict[str, Any]:
         return self._jwks
@@ -105,9 +113,11 @@ class KeyRing:
         return SigningKey(kid=jwk["kid"], private=private, jwk=jwk)
 
     def rotate(self, new: SigningKey) -> None:
-        """Install ``new`` as the current key; the old current becomes previous and the old
-        previous is deleted (tokens it signed stop verifying once relying parties refresh)."""
+        """The next key starts signing, the current one becomes previous, the previous one is
+        deleted (tokens it signed stop verifying once relying parties refresh), and ``new`` is
+        published as the next key."""
         with self._lock:
             os.replace(self._dir / "jwt-current.pem", self._dir / "jwt-previous.pem")
-            _write_private(self._dir / "jwt-current.pem", new.private)
+            os.replace(self._dir / "jwt-next.pem", self._dir / "jwt-current.pem")
+            _write_private(self._dir / "jwt-next.pem", new.private)
             self._reload()

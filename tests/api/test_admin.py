@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jwt
 from fastapi.testclient import TestClient
 
 from broker.runtime import Broker
@@ -144,22 +145,30 @@ def test_introspection_needs_a_caller_and_rejects_foreign_tokens(
     assert _introspect(client, broker, "x.y.z") == {"active": False}
 
 
-def test_key_rotation_keeps_one_previous_key(client: TestClient, broker: Broker) -> None:
+def test_key_rotation_publishes_next_and_keeps_one_previous_key(
+    client: TestClient, broker: Broker
+) -> None:
+    def kids() -> list[str]:
+        return [k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]]
+
     old = _issue(client, broker)["access_token"]
     admin = _bearer(person_token(broker, "admin"))
-    first_kid = client.get("/.well-known/jwks.json").json()["keys"][0]["kid"]
+    first, upcoming = kids()  # current, and next: published before it ever signs
+    assert jwt.get_unverified_header(old)["kid"] == first
     assert (
         client.post("/v1/keys/rotate", headers=_bearer(person_token(broker, "auditor"))).status_code
         == 403
     )
     rotated = client.post("/v1/keys/rotate", headers=admin).json()
-    kids = [k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]]
-    assert kids == [rotated["kid"], first_kid]
+    assert rotated["kid"] == upcoming and rotated["retired_kid"] is None
+    assert kids() == [upcoming, rotated["next_kid"], first]
+    fresh = _issue(client, broker)["access_token"]
+    assert jwt.get_unverified_header(fresh)["kid"] == upcoming  # the key relying parties had
     assert _introspect(client, broker, old)["active"] is True  # overlap: previous key still valid
-    client.post("/v1/keys/rotate", headers=admin)
-    kids = [k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]]
-    assert first_kid not in kids
+    again = client.post("/v1/keys/rotate", headers=admin).json()
+    assert again["retired_kid"] == first and first not in kids()
     assert _introspect(client, broker, old) == {"active": False}
+    assert _introspect(client, broker, fresh)["active"] is True
 
 
 def test_discovery_documents(client: TestClient) -> None:
