@@ -37,6 +37,7 @@ from broker.audit.merkle import (
     verify_consistency,
 )
 from broker.errors import BrokerError, ConfigError, InvalidRequest
+from broker.store.files import write_private_key, write_secret
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow, TreeNodeRow
 
 EVENT_VERSION = 1
@@ -88,31 +89,16 @@ class StoreHashReader:
 
 def _load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     if not path.exists():
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write_secret(path, pem)
+        write_private_key(path, Ed25519PrivateKey.generate())
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"audit signing key {path} is not an Ed25519 key")
     return key
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _load_or_create_hmac_key(path: Path) -> bytes:
     if not path.exists():
-        _write_secret(path, os.urandom(32))
+        write_secret(path, os.urandom(32))
     return path.read_bytes()
 
 

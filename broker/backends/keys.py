@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from broker.errors import ConfigError
+from broker.store.files import write_private_key
 
 ALGORITHM = "ES256"
 
@@ -42,21 +43,6 @@ class SigningKey:
     kid: str
     private: ec.EllipticCurvePrivateKey
     jwk: dict[str, Any]
-
-
-def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _load(path: Path) -> SigningKey:
@@ -85,7 +71,7 @@ class KeyRing:
         self._lock = threading.Lock()
         for name in ("jwt-current.pem", "jwt-next.pem"):
             if not (self._dir / name).exists():
-                _write_private(self._dir / name, ec.generate_private_key(ec.SECP256R1()))
+                write_private_key(self._dir / name, ec.generate_private_key(ec.SECP256R1()))
         self._reload()
 
     def _reload(self) -> None:
@@ -119,5 +105,5 @@ class KeyRing:
         with self._lock:
             os.replace(self._dir / "jwt-current.pem", self._dir / "jwt-previous.pem")
             os.replace(self._dir / "jwt-next.pem", self._dir / "jwt-current.pem")
-            _write_private(self._dir / "jwt-next.pem", new.private)
+            write_private_key(self._dir / "jwt-next.pem", new.private)
             self._reload()

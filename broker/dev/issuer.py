@@ -16,9 +16,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.backends.keys import ALGORITHM, _write_private, public_jwk
+from broker.backends.keys import ALGORITHM, public_jwk
 from broker.errors import InvalidRequest
 from broker.policy import LoadedPolicy
+from broker.store.files import write_private_key
 
 MAX_DEV_TTL = 24 * 3600
 
@@ -27,7 +28,7 @@ class DevIssuer:
     def __init__(self, data_dir: Path, policy: LoadedPolicy) -> None:
         path = data_dir / "dev-issuer-key.pem"
         if not path.exists():
-            _write_private(path, ec.generate_private_key(ec.SECP256R1()))
+            write_private_key(path, ec.generate_private_key(ec.SECP256R1()))
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         self._key = key
