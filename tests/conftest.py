@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from broker.api.app import create_app
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
+from tests.servers import OpenBao, bao_binary, run_openbao
 
 EVAL_SUB = "repo:acme/evals:ref:refs/heads/main"
 EVAL_WORKFLOW = "acme/workflows/.github/workflows/eval.yml@refs/heads/main"
@@ -93,6 +94,16 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def openbao_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    """One OpenBao dev server for the whole session (stopped at its end, pass or fail)."""
+    binary = bao_binary()
+    if binary is None:
+        pytest.skip("OpenBao's `bao` binary is neither next to sys.executable nor on PATH")
+    with run_openbao(binary, tmp_path_factory.mktemp("openbao")) as server:
+        yield server
 
 
 @pytest.fixture

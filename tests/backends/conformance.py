@@ -9,16 +9,45 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import secrets
 from collections.abc import Callable
 
 import pytest
 
 from broker.backends.base import BACKEND_FOR_TOKEN_TYPE, Backend, BackendRegistry, Credential
 from broker.errors import InvalidRequest
-from broker.grants.model import Grant
+from broker.grants.model import Grant, GrantStatus
 
 NewGrant = Callable[[], Grant]
 Works = Callable[[Credential], bool]
+
+
+def make_grant(**overrides: object) -> Grant:
+    """An active grant for llama-7b fine-tune, 15 minutes long, with a fresh id."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    fields: dict[str, object] = dict(
+        id=f"g_{secrets.token_hex(8)}",
+        issuer="cluster",
+        issuer_url="https://kubernetes.default.svc",
+        subject="system:serviceaccount:training:trainer",
+        identity_claims={},
+        model="llama-7b",
+        action="fine-tune",
+        tier="elevated",
+        backend="jwt",
+        rule="trainer",
+        policy_digest="sha256:00",
+        audience=None,
+        reason=None,
+        lineage=None,
+        approval_id=None,
+        issued_at=now,
+        expires_at=now + dt.timedelta(minutes=15),
+        status=GrantStatus.ACTIVE,
+    )
+    fields.update(overrides)
+    return Grant(**fields)  # type: ignore[arg-type]
 
 
 class BackendConformance:

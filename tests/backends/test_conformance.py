@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,36 +11,9 @@ import pytest
 from broker.backends.base import Backend, Credential
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
-from broker.grants.model import Grant, GrantStatus
-from tests.backends.conformance import BackendConformance, NewGrant, Works
+from tests.backends.conformance import BackendConformance, NewGrant, Works, make_grant
 
 ISSUER = "http://127.0.0.1:9"
-
-
-def make_grant(**overrides: object) -> Grant:
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    fields: dict[str, object] = dict(
-        id="g_conformance01",
-        issuer="ci",
-        issuer_url="https://ci.example",
-        subject="repo:a/b",
-        identity_claims={},
-        model="llama-7b",
-        action="evaluate",
-        tier="low",
-        backend="jwt",
-        rule="r",
-        policy_digest="sha256:00",
-        audience=None,
-        reason=None,
-        lineage=None,
-        approval_id=None,
-        issued_at=now,
-        expires_at=now + dt.timedelta(minutes=15),
-        status=GrantStatus.ACTIVE,
-    )
-    fields.update(overrides)
-    return Grant(**fields)  # type: ignore[arg-type]
 
 
 class TestJwtConformance(BackendConformance):
@@ -56,7 +27,7 @@ class TestJwtConformance(BackendConformance):
 
     @pytest.fixture
     def new_grant(self) -> NewGrant:
-        return lambda: make_grant(id=f"g_{secrets.token_hex(8)}")
+        return make_grant
 
     @pytest.fixture
     def credential_works(self, keys: KeyRing) -> Works:

