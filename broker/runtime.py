@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
 from broker.audit.log import AuditLog
+from broker.backends.aws import AwsBackend
 from broker.backends.base import Backend, BackendRegistry
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
@@ -87,6 +88,7 @@ class Broker:
             self._last_reconcile = now
             for item in revocations.reconcile(min_age_s=STUCK_ISSUING_S):
                 log.warning("reconciler revoked an orphan credential: %s", item)
+            revocations.prune()
         with self.store.write() as session:
             self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
 
@@ -183,6 +185,10 @@ def build_broker(settings: Settings) -> Broker:
     enabled: dict[str, Backend] = {"jwt": JwtBackend(keys, str(settings.issuer_url))}
     if settings.vault_addr:
         enabled["vault"] = vault_backend(settings, policy)
+    if any(m.backends.aws for m in policy.policy.models.values()):
+        # The broker's own AWS access: the default credential chain (AWS_ENDPOINT_URL and
+        # AWS_REGION honoured); never keys from the policy file.
+        enabled["aws"] = AwsBackend(policy)
     backends = BackendRegistry(enabled)
     webhook = policy.policy.approval.webhook
     notifier = WebhookNotifier(webhook) if webhook else None

@@ -64,6 +64,16 @@ class Reconcilable(Protocol):
         ...
 
 
+@runtime_checkable
+class ExplainedRevocation(Protocol):
+    """A backend whose revocation can say what it did (for the audit event), e.g. that AWS had
+    to fall back from a per-grant Deny to a time cutoff for the whole role."""
+
+    def revoke_explained(
+        self, grant: Grant, credential_ref: str | None
+    ) -> tuple[bool, dict[str, Any]]: ...
+
+
 class BackendRegistry:
     def __init__(self, backends: Mapping[str, Backend]) -> None:
         self._backends = dict(backends)

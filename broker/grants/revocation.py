@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.audit.log import AuditLog, rfc3339
-from broker.backends.base import BackendRegistry, Reconcilable
+from broker.backends.base import BackendRegistry, ExplainedRevocation, Reconcilable
 from broker.errors import BrokerError, TemporarilyUnavailable
 from broker.grants.model import Grant, GrantStatus
 from broker.store.db import Store
@@ -87,8 +87,13 @@ class Revocations:
                 job.credential_ref,
             )
         error: BrokerError | None = None
+        details: dict[str, Any] | None = None
         try:
-            confirmed = self.backends().get(backend_name).revoke(grant, ref)
+            backend = self.backends().get(backend_name)
+            if isinstance(backend, ExplainedRevocation):
+                confirmed, details = backend.revoke_explained(grant, ref)
+            else:
+                confirmed = backend.revoke(grant, ref)
         except BrokerError as exc:
             confirmed, error = False, exc
         retry = error is None or isinstance(error, TemporarilyUnavailable)
@@ -106,9 +111,16 @@ class Revocations:
             if confirmed:
                 job.status, job.done_at, job.last_error = "confirmed", now, None
                 row.backend_revocation = "confirmed"
+                if details is not None:
+                    data["details"] = details
                 self.audit.append(
                     session, "grant.backend_revocation_confirmed", now, data, grant_id=grant.id
                 )
+                if details and details.get("fallback"):
+                    # Not only this grant: every session of the role issued before the cutoff.
+                    self.audit.append(
+                        session, "backend.revocation_cutoff", now, details, grant_id=grant.id
+                    )
                 return True
             job.last_error = error.description if error else "the backend did not confirm"
             data["error"] = job.last_error
@@ -176,6 +188,16 @@ class Revocations:
                     )
                 removed.append(item)
         return removed
+
+    def prune(self) -> None:
+        """Let backends drop revocation entries whose credentials have expired anyway."""
+        for backend in self.backends().all():
+            prune = getattr(backend, "prune", None)
+            if prune is not None:
+                try:
+                    prune()
+                except BrokerError as exc:
+                    log.warning("pruning %s failed: %s", backend.name, exc.description)
 
     def _status(self, grant_id: str) -> str | None:
         with self.store.read() as session:
