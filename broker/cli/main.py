@@ -309,20 +309,63 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _aws_warnings(policy: Any) -> list[str]:
+    """Actions that aws rules reach but whose TTL does not suit AWS STS."""
+    from broker.backends.aws import check_action_ttl
+
+    warnings = []
+    for name in sorted({a for r in policy.rules if "aws" in r.backends for a in r.actions}):
+        action = policy.actions[name]
+        tier = policy.tiers.get(action.tier)
+        ttl = min(action.max_ttl, tier.max_ttl) if tier else action.max_ttl
+        problem = check_action_ttl(ttl)
+        if problem:
+            warnings.append(f"actions.{name} (aws): {problem}")
+    return warnings
+
+
 def cmd_policy_check(args: argparse.Namespace) -> int:
     from broker.policy import load_policy
 
     loaded = load_policy(Path(args.file), dev_mode=args.dev)
     p = loaded.policy
-    summary = {
+    summary: dict[str, Any] = {
         "file": args.file,
         "digest": loaded.digest,
         "issuers": len(p.issuers),
         "actions": len(p.actions),
         "models": len(p.models),
         "rules": len(p.rules),
+        "warnings": _aws_warnings(p),
     }
-    _out(args, summary, lambda: f"ok {args.file} {loaded.digest}\n" + _fields(summary))
+
+    def human() -> str:
+        lines = [
+            f"ok {args.file} {loaded.digest}",
+            _fields({k: v for k, v in summary.items() if k != "warnings"}),
+        ]
+        return "\n".join(lines + [f"warning: {w}" for w in summary["warnings"]])
+
+    _out(args, summary, human)
+    return EXIT_OK
+
+
+def cmd_aws_credential_process(args: argparse.Namespace) -> int:
+    """Exchange the workload's token for model-scoped AWS credentials and print them as an
+    AWS ``credential_process`` (Version 1) JSON, for the AWS CLI and every AWS SDK."""
+    from broker.backends.aws import credential_process_json
+
+    if not args.token_file:
+        raise ConfigError("--token-file (or BROKER_SUBJECT_TOKEN_FILE) names the workload token")
+    result = BrokerClient(args.url).exchange(
+        _read_secret(args.token_file),
+        model=args.model,
+        action=args.action,
+        requested_token_type=TOKEN_TYPES["aws"],
+        reason=args.reason,
+        requested_ttl=str(_ttl(args.ttl)) if args.ttl else None,
+    )
+    print(credential_process_json(result))
     return EXIT_OK
 
 
@@ -608,6 +651,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     _common(p, bearer=True)
     p.set_defaults(func=cmd_lineage)
+
+    aws = sub.add_parser("aws", help="AWS helpers").add_subparsers(dest="aws_cmd", required=True)
+    p = aws.add_parser(
+        "credential-process",
+        help="print AWS credential_process JSON for one model and action (for ~/.aws/config)",
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--action", required=True)
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("BROKER_SUBJECT_TOKEN_FILE"),
+        help="the workload identity token (default: $BROKER_SUBJECT_TOKEN_FILE)",
+    )
+    p.add_argument("--ttl", help="requested lifetime, at least 15m (AWS's minimum)")
+    p.add_argument("--reason")
+    p.add_argument(
+        "--url", default=os.environ.get("BROKER_URL", DEFAULT_URL), help="broker base URL"
+    )
+    p.set_defaults(func=cmd_aws_credential_process)
 
     p = sub.add_parser("reconcile", help="revoke backend credentials that no active grant owns")
     p.add_argument("--policy", type=Path)
