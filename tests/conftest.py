@@ -15,7 +15,14 @@ from fastapi.testclient import TestClient
 from broker.api.app import create_app
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
-from tests.servers import OpenBao, bao_binary, run_openbao
+from tests.servers import (
+    OpenBao,
+    Postgres,
+    bao_binary,
+    postgres_missing,
+    run_openbao,
+    run_postgres,
+)
 
 EVAL_SUB = "repo:acme/evals:ref:refs/heads/main"
 EVAL_WORKFLOW = "acme/workflows/.github/workflows/eval.yml@refs/heads/main"
@@ -103,6 +110,16 @@ def openbao_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao
     if binary is None:
         pytest.skip("OpenBao's `bao` binary is neither next to sys.executable nor on PATH")
     with run_openbao(binary, tmp_path_factory.mktemp("openbao")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One throwaway PostgreSQL 15 cluster for the session (stopped at its end)."""
+    missing = postgres_missing()
+    if missing:
+        pytest.skip(missing)
+    with run_postgres() as server:
         yield server
 
 

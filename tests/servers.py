@@ -5,13 +5,16 @@ Every server started here is stopped by its context manager, whether tests passe
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import pwd
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +28,7 @@ import requests
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 def free_port_pair() -> int:
@@ -149,3 +153,112 @@ def run_openbao(binary: Path, workdir: Path) -> Iterator[OpenBao]:
             yield OpenBao(url, hvac.Client(url=url, token=root_token, session=session), audit_log)
     finally:
         stop_process(proc)
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Postgres:
+    host: str
+    port: int
+    admin_user: str
+    admin_password: str
+
+    @property
+    def url(self) -> str:
+        """An SQLAlchemy URL (psycopg 3) for the admin user."""
+        return (
+            f"postgresql+psycopg://{self.admin_user}:{self.admin_password}"
+            f"@{self.host}:{self.port}/postgres"
+        )
+
+    def login_works(self, user: str, password: str) -> bool:
+        """Whether ``user`` can log in with ``password`` over TCP (password authentication)."""
+        result = self._psql(user, password, "select current_user")
+        return result.returncode == 0 and result.stdout.strip() == user
+
+    def valid_until(self, user: str) -> dt.datetime:
+        """The user's password expiry (``VALID UNTIL``), asked as the admin."""
+        query = f"select extract(epoch from rolvaliduntil) from pg_roles where rolname = '{user}'"
+        result = self._psql(self.admin_user, self.admin_password, query)
+        return dt.datetime.fromtimestamp(float(result.stdout), dt.UTC)
+
+    def _psql(self, user: str, password: str, query: str) -> subprocess.CompletedProcess[str]:
+        command = [str(PG_BIN / "psql"), "-h", self.host, "-p", str(self.port)]
+        return subprocess.run(
+            [*command, "-U", user, "-d", "postgres", "-w", "-tAc", query],
+            env={"PGPASSWORD": password, "PGCONNECT_TIMEOUT": "5", "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """Run as the postgres OS user when we are root (initdb refuses to run as root)."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def postgres_missing() -> str | None:
+    """Why a throwaway cluster cannot be started here, or None."""
+    if not (PG_BIN / "initdb").is_file():
+        return f"PostgreSQL binaries are not installed in {PG_BIN}"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root, and there is no postgres OS user to run initdb as"
+    return None
+
+
+@contextmanager
+def run_postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL 15 cluster on a free loopback port; password auth over TCP;
+    stopped and deleted on exit. Check :func:`postgres_missing` first."""
+    owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+    # Not under pytest's tmp dir: that is private to root, and the cluster runs as postgres.
+    workdir = Path(tempfile.mkdtemp(prefix="broker-vault-pg-"))
+    data = workdir / "data"
+    pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data)]
+    password = secrets.token_urlsafe(18)
+    port = free_port_pair()
+    started = False
+    try:
+        pwfile = workdir / "pw"
+        pwfile.write_text(password)
+        if owner is not None:
+            for path in (workdir, pwfile):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(PG_BIN / "initdb"),
+                    f"--pgdata={data}",
+                    "--username=postgres",
+                    f"--pwfile={pwfile}",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "--no-sync",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        pwfile.unlink()
+        options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        started = True
+        subprocess.run(
+            _as_postgres([*pg_ctl, "-l", str(workdir / "log"), "-w", "-o", options, "start"]),
+            check=True,
+            capture_output=True,
+        )
+        yield Postgres("127.0.0.1", port, "postgres", password)
+    finally:
+        if started:
+            subprocess.run(
+                _as_postgres([*pg_ctl, "-m", "immediate", "stop"]),
+                check=False,
+                capture_output=True,
+            )
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -8,13 +8,6 @@ stopped in its ``finally``, whether the tests passed, failed, or the start itsel
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import pwd
-import secrets
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +31,7 @@ from broker.grants.model import Grant
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import EXAMPLE_POLICY
 from tests.backends.conformance import make_grant as shared_make_grant
-from tests.servers import OpenBao, free_port_pair
+from tests.servers import OpenBao, Postgres
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -72,100 +65,6 @@ def make_grant(**overrides: object) -> Grant:
 @pytest.fixture(scope="session")
 def openbao(openbao_server: OpenBao) -> OpenBao:
     return openbao_server
-
-
-# --- PostgreSQL ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Postgres:
-    host: str
-    port: int
-    admin_user: str
-    admin_password: str
-
-    def login_works(self, user: str, password: str) -> bool:
-        """Whether ``user`` can log in with ``password`` over TCP (password authentication)."""
-        result = self._psql(user, password, "select current_user")
-        return result.returncode == 0 and result.stdout.strip() == user
-
-    def valid_until(self, user: str) -> dt.datetime:
-        """The user's password expiry (``VALID UNTIL``), asked as the admin."""
-        query = f"select extract(epoch from rolvaliduntil) from pg_roles where rolname = '{user}'"
-        result = self._psql(self.admin_user, self.admin_password, query)
-        return dt.datetime.fromtimestamp(float(result.stdout), dt.UTC)
-
-    def _psql(self, user: str, password: str, query: str) -> subprocess.CompletedProcess[str]:
-        command = [str(PG_BIN / "psql"), "-h", self.host, "-p", str(self.port)]
-        return subprocess.run(
-            [*command, "-U", user, "-d", "postgres", "-w", "-tAc", query],
-            env={"PGPASSWORD": password, "PGCONNECT_TIMEOUT": "5", "PATH": os.environ["PATH"]},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    """Run as the postgres OS user when we are root (initdb refuses to run as root)."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    """A throwaway PostgreSQL 15 cluster on a free loopback port; password auth over TCP."""
-    if not (PG_BIN / "initdb").is_file():
-        pytest.skip(f"PostgreSQL binaries are not installed in {PG_BIN}")
-    if os.geteuid() == 0:
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root, and there is no postgres OS user to run initdb as")
-    # Not under pytest's tmp dir: that is private to root, and the cluster runs as postgres.
-    workdir = Path(tempfile.mkdtemp(prefix="broker-vault-pg-"))
-    data = workdir / "data"
-    pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data)]
-    password = secrets.token_urlsafe(18)
-    port = free_port_pair()
-    started = False
-    try:
-        pwfile = workdir / "pw"
-        pwfile.write_text(password)
-        if os.geteuid() == 0:
-            for path in (workdir, pwfile):
-                os.chown(path, owner.pw_uid, owner.pw_gid)
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(PG_BIN / "initdb"),
-                    f"--pgdata={data}",
-                    "--username=postgres",
-                    f"--pwfile={pwfile}",
-                    "--auth-local=trust",
-                    "--auth-host=scram-sha-256",
-                    "--no-sync",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
-        pwfile.unlink()
-        options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        started = True
-        subprocess.run(
-            _as_postgres([*pg_ctl, "-l", str(workdir / "log"), "-w", "-o", options, "start"]),
-            check=True,
-            capture_output=True,
-        )
-        yield Postgres("127.0.0.1", port, "postgres", password)
-    finally:
-        if started:
-            subprocess.run(
-                _as_postgres([*pg_ctl, "-m", "immediate", "stop"]),
-                check=False,
-                capture_output=True,
-            )
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --- Vault as the broker needs it ----------------------------------------------------------------

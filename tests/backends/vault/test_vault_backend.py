@@ -21,8 +21,8 @@ from broker.backends.vault import (
 )
 from broker.errors import AccessDenied, BackendUnavailable, ConfigError
 from broker.grants.model import Grant
-from tests.backends.vault.conftest import EXAMPLE_CONFIG, Postgres, VaultSetup, make_grant
-from tests.servers import free_port_pair, wait_until
+from tests.backends.vault.conftest import EXAMPLE_CONFIG, VaultSetup, make_grant
+from tests.servers import Postgres, free_port_pair, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,9 @@ from broker.api.app import create_app
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.tables import GrantRow
-from tests.backends.vault.conftest import Postgres, VaultSetup
+from tests.backends.vault.conftest import VaultSetup
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form, person_token
-from tests.servers import free_port_pair
+from tests.servers import Postgres, free_port_pair
 
 pytestmark = pytest.mark.integration
 VAULT = "urn:broker:token-type:vault-token"
