@@ -17,8 +17,12 @@ from typing import Any
 
 import boto3
 import pytest
+from fastapi.testclient import TestClient
 
+from broker.api.app import create_app
 from broker.backends.aws import AwsBackend, RevocationPolicy, session_tags, source_identity
+from broker.runtime import build_broker
+from broker.settings import EXAMPLE_POLICY, Settings
 from tests.backends.aws.conftest import (
     CHECK,
     MODULE,
@@ -34,6 +38,7 @@ from tests.backends.aws.conftest import (
     load,
     make_grant,
 )
+from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +127,7 @@ output "broker_principal_policy_json" {{ value = module.broker_aws.broker_princi
 
 
 def test_apply_to_moto_then_issue_and_revoke_in_the_created_role(
-    applied: tuple[Root, str], moto: Moto
+    applied: tuple[Root, str], moto: Moto, tmp_path: Path
 ) -> None:
     root, broker_arn = applied
     outputs = root.outputs()
@@ -181,6 +186,28 @@ def test_apply_to_moto_then_issue_and_revoke_in_the_created_role(
     # The broker owns broker-revocations: a later plan must not want to reset it.
     plan = root.run("plan", "-detailed-exitcode")
     assert "No changes." in plan.stdout
+
+    # And the whole broker: a workload exchanges its token over HTTP for credentials in the role
+    # Terraform created (the example policy names that role for llama-7b).
+    broker = build_broker(Settings(dev=True, data_dir=tmp_path / "data", policy=EXAMPLE_POLICY))
+    with TestClient(create_app(broker=broker)) as client:
+        assert broker.dev_issuer is not None
+        token = broker.dev_issuer.mint(sub=EVAL_SUB, claims={"job_workflow_ref": EVAL_WORKFLOW})
+        aws_type = "urn:broker:token-type:aws-credentials"
+        resp = client.post("/v1/token", data=exchange_form(token, requested_token_type=aws_type))
+        assert resp.status_code == 200, resp.text
+        exchanged = resp.json()["aws_credentials"]
+        arn = (
+            boto3.Session(
+                aws_access_key_id=exchanged["access_key_id"],
+                aws_secret_access_key=exchanged["secret_access_key"],
+                aws_session_token=exchanged["session_token"],
+                region_name=REGION,
+            )
+            .client("sts")
+            .get_caller_identity()["Arn"]
+        )
+        assert arn.endswith(f":assumed-role/{ROLE_NAME}/{resp.json()['grant_id']}")
 
 
 def policy_document(iam: Any, arn: str) -> dict[str, Any]:
