@@ -221,8 +221,16 @@ def mint_requests(host: str, count: int) -> list[bytes]:
     return [post(host, "/dev/token", "application/json", body)] * count
 
 
-def exchange_request(host: str, token: str) -> bytes:
+TOKEN_TYPES = {
+    "jwt": "urn:ietf:params:oauth:token-type:jwt",
+    "vault": "urn:broker:token-type:vault-token",
+    "aws": "urn:broker:token-type:aws-credentials",
+}
+
+
+def exchange_request(host: str, token: str, token_type: str = "jwt") -> bytes:
     form = {
+        "requested_token_type": TOKEN_TYPES[token_type],
         "grant_type": GRANT_TYPE,
         "subject_token": token,
         "subject_token_type": SUBJECT_TOKEN_TYPE,
@@ -276,6 +284,15 @@ def cpu_of(pids: list[int]) -> float:
             continue
         ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid``'s main thread (uvicorn's event loop) so far."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_seconds() -> float:
@@ -411,6 +428,7 @@ class Result:
     errors: Counter[int]
     rss_mb: float | None
     server_cpu_ms: float | None
+    loop_cpu_ms: float | None
     client_cpu_ms: float
     client_cores: float
     other_cores: float | None
@@ -454,7 +472,7 @@ def measure(
         )
     tokens = [json.loads(body)["token"] for body in minted.bodies]
     assert len(set(tokens)) == len(tokens), "the dev issuer minted a duplicate token"
-    requests = [exchange_request(host_header, token) for token in tokens]
+    requests = [exchange_request(host_header, token, args.token_type) for token in tokens]
     print(f"  minted {len(tokens)} distinct tokens in {time.perf_counter() - started:.1f} s")
 
     warm = drive(
@@ -465,10 +483,12 @@ def measure(
 
     pids = process_tree(pid) if pid else []
     server_cpu_start, busy_start = cpu_of(pids), machine_busy_seconds()
+    loop_cpu_start = main_thread_cpu(pid) if pid else 0.0
     batch = drive(
         addr, requests[args.warmup :], args.concurrency, deadline, expect=b'"access_token"'
     )
     server_cpu = cpu_of(pids) - server_cpu_start
+    loop_cpu = main_thread_cpu(pid) - loop_cpu_start if pid else 0.0
     # What everything else on this (shared) machine used meanwhile, in cores: a noise gauge.
     others = machine_busy_seconds() - busy_start - server_cpu - batch.client_cpu
     for status, body in sorted(batch.samples.items()):
@@ -485,6 +505,7 @@ def measure(
         errors=batch.errors(),
         rss_mb=peak_rss_mb(process_tree(pid)) if pid else None,
         server_cpu_ms=server_cpu / len(batch.statuses) * 1000 if pid else None,
+        loop_cpu_ms=loop_cpu / len(batch.statuses) * 1000 if pid else None,
         client_cpu_ms=batch.client_cpu / len(batch.statuses) * 1000,
         client_cores=batch.client_cpu / batch.wall,
         other_cores=max(0.0, others / batch.wall) if pid else None,
@@ -502,6 +523,12 @@ def report(result: Result) -> None:
     if result.server_cpu_ms is not None:
         cpu = f"broker {result.server_cpu_ms:.3f} ms, " + cpu
     print(f"    CPU per exchange: {cpu}")
+    if result.loop_cpu_ms is not None and result.server_cpu_ms is not None:
+        rest = result.server_cpu_ms - result.loop_cpu_ms
+        print(
+            f"    broker CPU per exchange by thread: main (event loop) {result.loop_cpu_ms:.3f} "
+            f"ms, all others (thread pool, writers) {rest:.3f} ms"
+        )
     if result.other_cores is not None:
         print(f"    other processes on this machine meanwhile: {result.other_cores:.2f} cores")
 
@@ -549,6 +576,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--http", choices=["default", "h11", "httptools"], default="default", help="uvicorn http"
+    )
+    parser.add_argument(
+        "--token-type",
+        choices=["jwt", "vault", "aws"],
+        default="jwt",
+        help="what to ask for (vault and aws need the broker configured for them)",
     )
     parser.add_argument(
         "--server-env",

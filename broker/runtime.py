@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -15,11 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
 from broker.audit.log import AuditLog
-from broker.backends.aws import AwsBackend
 from broker.backends.base import Backend, BackendRegistry
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
-from broker.backends.vault import JwtLogin, StaticToken, TokenSource, VaultBackend, vault_config
 from broker.dev.issuer import DevIssuer
 from broker.errors import BackendUnavailable, ConfigError
 from broker.grants.service import GrantService, utcnow
@@ -28,6 +27,9 @@ from broker.identity.verifier import Verifier
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import Settings
 from broker.store.db import Store
+
+if TYPE_CHECKING:
+    from broker.backends.vault import VaultBackend
 
 log = logging.getLogger("broker")
 STUCK_ISSUING_S = 60
@@ -110,6 +112,7 @@ class Broker:
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout=10)
+        self.grants.close()
         if self.notifier is not None:
             self.notifier.close()
         for backend in self.grants.backends.all():
@@ -136,6 +139,15 @@ def vault_backend(settings: Settings, policy: LoadedPolicy) -> VaultBackend:
     """The vault backend from VAULT_ADDR and the broker's own Vault auth: a JWT login
     (BROKER_VAULT_JWT_ROLE + BROKER_VAULT_JWT_FILE) or VAULT_TOKEN. Checks it can log in and is
     not root; logs drift between Vault and what the policy renders. Raises ConfigError."""
+    # Imported here: hvac costs memory and start-up time that brokers without vault need not pay.
+    from broker.backends.vault import (  # noqa: PLC0415
+        JwtLogin,
+        StaticToken,
+        TokenSource,
+        VaultBackend,
+        vault_config,
+    )
+
     assert settings.vault_addr is not None
     source: TokenSource
     if settings.vault_jwt_role and settings.vault_jwt_file:
@@ -187,7 +199,9 @@ def build_broker(settings: Settings) -> Broker:
         enabled["vault"] = vault_backend(settings, policy)
     if any(m.backends.aws for m in policy.policy.models.values()):
         # The broker's own AWS access: the default credential chain (AWS_ENDPOINT_URL and
-        # AWS_REGION honoured); never keys from the policy file.
+        # AWS_REGION honoured); never keys from the policy file. Imported here, like vault's.
+        from broker.backends.aws import AwsBackend  # noqa: PLC0415
+
         enabled["aws"] = AwsBackend(policy)
     backends = BackendRegistry(enabled)
     webhook = policy.policy.approval.webhook

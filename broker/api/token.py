@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Depends, Form
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse
 
-from broker.api.deps import BrokerDep, authenticate_any
+from broker.api.deps import BrokerDep, authenticate_any, get_broker
 from broker.backends.base import TOKEN_TYPE_JWT
 from broker.errors import (
     BrokerError,
@@ -28,8 +30,22 @@ SUBJECT_TOKEN_TYPES = {
     "urn:ietf:params:oauth:token-type:id_token",
 }
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+FORM = "application/x-www-form-urlencoded"
+MAX_FORM_BYTES = 64 * 1024
+MAX_FORM_FIELDS = 64
+SINGLE_FIELDS = (
+    "grant_type",
+    "subject_token",
+    "subject_token_type",
+    "scope",
+    "requested_token_type",
+    "actor_token",
+    "requested_ttl",
+    "reason",
+    "lineage",
+    "approval_id",
+)
 OptForm = Annotated[str | None, Form()]
-OptFormList = Annotated[list[str] | None, Form()]
 
 
 def _one(
@@ -90,40 +106,88 @@ def parse_exchange(
     )
 
 
-@router.post("/v1/token", tags=["exchange"], summary="RFC 8693 token exchange")
-def token_exchange(
-    broker: BrokerDep,
-    grant_type: OptForm = None,
-    subject_token: OptForm = None,
-    subject_token_type: OptForm = None,
-    resource: OptFormList = None,
-    scope: OptForm = None,
-    requested_token_type: OptForm = None,
-    audience: OptFormList = None,
-    actor_token: OptForm = None,
-    reason: OptForm = None,
-    lineage: OptForm = None,
-    approval_id: OptForm = None,
-    requested_ttl: OptForm = None,
-) -> JSONResponse:
+def _form_schema() -> dict[str, Any]:
+    """The OpenAPI description of the form that :func:`token_exchange` parses itself."""
+    text = {"type": "string"}
+    many = {"type": "array", "items": {"type": "string"}}
+    fields: dict[str, tuple[dict[str, Any], str]] = {
+        "grant_type": (text, GRANT_TYPE),
+        "subject_token": (text, "the workload identity JWT"),
+        "subject_token_type": (text, " or ".join(sorted(SUBJECT_TOKEN_TYPES))),
+        "resource": (many, "exactly one model:<model-id>"),
+        "scope": (text, "exactly one action"),
+        "requested_token_type": (text, f"default {TOKEN_TYPE_JWT} (a broker JWT)"),
+        "audience": (many, "broker JWTs only: at most one audience the model allows"),
+        "actor_token": (text, "refused: delegation is not supported"),
+        "reason": (text, "free text, at most 1,000 characters, stored on the grant"),
+        "lineage": (text, "JSON: the datasets, weights and prompts the job uses"),
+        "approval_id": (text, "an approved request that covers exactly this request"),
+        "requested_ttl": (text, "seconds wanted; capped by the action's max_ttl"),
+    }
+    schema = {
+        "type": "object",
+        "required": ["grant_type", "subject_token", "subject_token_type", "resource", "scope"],
+        "properties": {name: {**kind, "description": doc} for name, (kind, doc) in fields.items()},
+    }
+    return {"requestBody": {"required": True, "content": {FORM: {"schema": schema}}}}
+
+
+async def read_form(request: Request) -> dict[str, list[str]]:
+    """The fields of an ``application/x-www-form-urlencoded`` body of at most MAX_FORM_BYTES.
+    Raises InvalidRequest naming what is wrong (type, size, encoding, too many fields)."""
+    ctype = request.headers.get("content-type")
+    if ctype is None or ctype.partition(";")[0].strip().lower() != FORM:
+        got = "nothing" if ctype is None else repr(ctype[:100])
+        raise InvalidRequest(f"Content-Type: expected {FORM}, got {got}")
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+        raise InvalidRequest(f"body: larger than {MAX_FORM_BYTES} bytes")
+    # NOTE: read in chunks against the cap: a chunked body has no Content-Length to check.
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise InvalidRequest(f"body: larger than {MAX_FORM_BYTES} bytes")
+    try:
+        return parse_qs(
+            body.decode(),
+            keep_blank_values=True,
+            errors="strict",
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise InvalidRequest("body: expected UTF-8 form fields") from None
+    except ValueError:
+        raise InvalidRequest(f"body: expected at most {MAX_FORM_FIELDS} form fields") from None
+
+
+def exchange_fields(form: dict[str, list[str]]) -> ExchangeRequest:
+    """:func:`parse_exchange` over parsed form fields: a blank field counts as absent, and a
+    field other than ``resource`` and ``audience`` may appear at most once."""
+    single: dict[str, str | None] = {}
+    for name in SINGLE_FIELDS:
+        values = form.get(name)
+        if values and len(values) > 1:
+            raise InvalidRequest(f"{name}: expected at most one, got {len(values)}")
+        single[name] = values[0] if values and values[0] else None
+    return parse_exchange(resource=form.get("resource"), audience=form.get("audience"), **single)
+
+
+@router.post(
+    "/v1/token",
+    tags=["exchange"],
+    summary="RFC 8693 token exchange",
+    openapi_extra=_form_schema(),
+)
+async def token_exchange(request: Request) -> JSONResponse:
+    """Parse the form here, on the event loop (no per-field dependencies), then run the
+    exchange (verification, decision, the write transaction, signing) in one worker thread."""
     started = time.perf_counter()
+    broker = get_broker(request)
     metrics = broker.metrics
     try:
-        req = parse_exchange(
-            grant_type,
-            subject_token,
-            subject_token_type,
-            resource,
-            scope,
-            requested_token_type,
-            audience,
-            actor_token,
-            requested_ttl,
-            reason=reason,
-            lineage=lineage,
-            approval_id=approval_id,
-        )
-        result = broker.grants.exchange(req)
+        req = exchange_fields(await read_form(request))
+        result = await anyio.to_thread.run_sync(broker.grants.exchange, req)
     except BrokerError as exc:
         metrics.exchanges.labels(exc.code).inc()
         metrics.latency.observe(time.perf_counter() - started)

@@ -24,8 +24,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Connection, Table, bindparam, insert, select, tuple_, update
 from sqlalchemy import event as sa_event
-from sqlalchemy import select, tuple_, update
 from sqlalchemy.orm import Session
 
 from broker.audit.checkpoint import Checkpoint, NoteSigner
@@ -45,6 +45,27 @@ MAX_EVENT_BYTES = 64 * 1024
 _PENDING = "audit_pending_frontier"
 
 
+def _table(row: type[Any]) -> Table:
+    table = row.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+# NOTE: the append path is SQLAlchemy Core with statements built once: no unit of work, no
+# autoflush, no ORM evaluator, and the compiled form is cached (see docs/performance.md).
+_EVENTS, _TREE_NODES, _LOG_HEAD = _table(EventRow), _table(TreeNodeRow), _table(LogHeadRow)
+_NEXT_INDEX = (
+    update(_LOG_HEAD)
+    .where(_LOG_HEAD.c.id == 1)
+    .values(size=_LOG_HEAD.c.size + 1)
+    .returning(_LOG_HEAD.c.size)
+)
+_INSERT_EVENT = insert(_EVENTS)
+_INSERT_NODES = insert(_TREE_NODES)
+_LOCK_HEAD = select(_LOG_HEAD.c.size).where(_LOG_HEAD.c.id == 1).with_for_update()
+_SET_HEAD = update(_LOG_HEAD).where(_LOG_HEAD.c.id == 1).values(size=bindparam("new_size"))
+
+
 class AuditIntegrityError(BrokerError):
     """The stored log disagrees with a signed checkpoint: the broker refuses to sign over it."""
 
@@ -61,6 +82,33 @@ def canonical_json(value: Any) -> bytes:
 
 def rfc3339(at: dt.datetime) -> str:
     return at.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append (see :meth:`AuditLog.append_batch`)."""
+
+    type: str
+    at: dt.datetime
+    data: dict[str, Any]
+    grant_id: str | None = None
+
+
+def encode_event(idx: int, event: NewEvent) -> bytes:
+    """The event's leaf bytes at ``idx``. Raises ValueError when they exceed MAX_EVENT_BYTES."""
+    body = canonical_json(
+        {
+            "v": EVENT_VERSION,
+            "idx": idx,
+            "type": event.type,
+            "at": rfc3339(event.at),
+            "grant_id": event.grant_id,
+            **event.data,
+        }
+    )
+    if len(body) > MAX_EVENT_BYTES:
+        raise ValueError(f"event {event.type} is {len(body)} bytes; the limit is {MAX_EVENT_BYTES}")
+    return body
 
 
 def frontier_nodes(size: int) -> list[tuple[int, int]]:
@@ -164,52 +212,84 @@ class AuditLog:
         appenders and keeps indexes dense even when a transaction rolls back (a sequence would
         leave gaps). Raises ValueError when the encoded event exceeds MAX_EVENT_BYTES.
         """
-        idx = (
-            session.execute(
-                update(LogHeadRow)
-                .where(LogHeadRow.id == 1)
-                .values(size=LogHeadRow.size + 1)
-                .returning(LogHeadRow.size)
-            ).scalar_one()
-            - 1
-        )
-        body = canonical_json(
-            {
-                "v": EVENT_VERSION,
-                "idx": idx,
-                "type": type_,
-                "at": rfc3339(at),
-                "grant_id": grant_id,
-                **data,
-            }
-        )
-        if len(body) > MAX_EVENT_BYTES:
-            raise ValueError(f"event {type_} is {len(body)} bytes; the limit is {MAX_EVENT_BYTES}")
-        frontier = self._frontier_for(session, idx)
+        # Core on the session's connection: no flush of the caller's pending ORM objects.
+        conn = session.connection()
+        idx = int(conn.execute(_NEXT_INDEX).scalar_one()) - 1
+        body = encode_event(idx, NewEvent(type_, at, data, grant_id))
+        pending: Frontier | None = session.info.get(_PENDING)
+        frontier = self._frontier_for(conn, idx, pending)
         nodes = frontier.append(leaf_hash(body))
-        session.add(EventRow(idx=idx, type=type_, at=at, grant_id=grant_id, body=body))
-        session.add_all(TreeNodeRow(level=lv, idx=i, hash=h) for lv, i, h in nodes)
-        if _PENDING not in session.info:
+        conn.execute(
+            _INSERT_EVENT, {"idx": idx, "type": type_, "at": at, "grant_id": grant_id, "body": body}
+        )
+        conn.execute(_INSERT_NODES, [{"level": lv, "idx": i, "hash": h} for lv, i, h in nodes])
+        if pending is None:
             sa_event.listen(session, "after_commit", self._after_commit, once=True)
         session.info[_PENDING] = frontier
         return idx
 
-    def _frontier_for(self, session: Session, size: int) -> Frontier:
-        """The frontier of the tree of ``size`` leaves: from this transaction's earlier appends,
-        from the last committed state this process saw, or from the stored nodes."""
-        pending: Frontier | None = session.info.get(_PENDING)
+    def append_batch(
+        self, conn: Connection, events: Sequence[NewEvent]
+    ) -> tuple[list[int | ValueError], Frontier | None]:
+        """Append ``events`` in order in ``conn``'s transaction, with one read and one update of
+        ``log_head`` and one multi-row insert per table. Returns, per event, its index or the
+        ValueError that kept it out (larger than MAX_EVENT_BYTES: it takes no index), and the
+        frontier after the batch for :meth:`committed` (None when nothing was appended)."""
+        if not events:
+            return [], None
+        start = int(conn.execute(_LOCK_HEAD).scalar_one())  # PostgreSQL: locks the row
+        frontier = self._frontier_for(conn, start, None)
+        results: list[int | ValueError] = []
+        rows: list[dict[str, Any]] = []
+        nodes: list[dict[str, Any]] = []
+        for event in events:
+            idx = start + len(rows)
+            try:
+                body = encode_event(idx, event)
+            except ValueError as exc:
+                results.append(exc)
+                continue
+            for level, i, h in frontier.append(leaf_hash(body)):
+                nodes.append({"level": level, "idx": i, "hash": h})
+            rows.append(
+                {
+                    "idx": idx,
+                    "type": event.type,
+                    "at": event.at,
+                    "grant_id": event.grant_id,
+                    "body": body,
+                }
+            )
+            results.append(idx)
+        if not rows:
+            return results, None
+        conn.execute(_SET_HEAD, {"new_size": start + len(rows)})
+        conn.execute(_INSERT_EVENT, rows)
+        conn.execute(_INSERT_NODES, nodes)
+        return results, frontier
+
+    def committed(self, frontier: Frontier) -> None:
+        """Remember ``frontier`` as the tree of a committed state (call it after the commit)."""
+        with self._lock:
+            if self._committed is None or frontier.size > self._committed.size:
+                self._committed = frontier
+
+    def _frontier_for(self, conn: Connection, size: int, pending: Frontier | None) -> Frontier:
+        """A new frontier of the tree of ``size`` leaves: from this transaction's earlier appends,
+        from the last committed state this process saw, or from the stored nodes. A copy, so
+        that ``pending`` stays as it was."""
         if pending is not None and pending.size == size:
-            return pending
+            return Frontier.from_hashes(size, pending.hashes)
         with self._lock:
             committed = self._committed
         if committed is not None and committed.size == size:
             # NOTE: only committed states are cached; equal size means equal tree, because
             # committed history is append-only.
             return Frontier.from_hashes(size, committed.hashes)
-        return self._load_frontier(session, size)
+        return self._load_frontier(conn, size)
 
     @staticmethod
-    def _load_frontier(session: Session, size: int) -> Frontier:
+    def _load_frontier(session: Session | Connection, size: int) -> Frontier:
         wanted = frontier_nodes(size)
         if not wanted:
             return Frontier()
@@ -226,11 +306,8 @@ class AuditLog:
 
     def _after_commit(self, session: Session) -> None:
         frontier: Frontier | None = session.info.pop(_PENDING, None)
-        if frontier is None:
-            return
-        with self._lock:
-            if self._committed is None or frontier.size > self._committed.size:
-                self._committed = frontier
+        if frontier is not None:
+            self.committed(frontier)
 
     # --- reading -------------------------------------------------------------------------------
 

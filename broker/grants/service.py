@@ -10,17 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Connection, Table, and_, bindparam, insert, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.approvals.rules import Binding
 from broker.approvals.service import ApprovalService, binding_for
-from broker.audit.log import AuditLog, rfc3339
+from broker.audit.log import AuditLog, NewEvent, rfc3339
 from broker.backends.base import Backend, BackendRegistry, Credential
 from broker.backends.jwt import default_audience
 from broker.errors import (
@@ -41,7 +41,7 @@ from broker.grants.revocation import Revocations
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
-from broker.store.db import Store
+from broker.store.db import GroupCommit, Store
 from broker.store.tables import GrantRow, UsedTokenRow
 
 log = logging.getLogger("broker.grants")
@@ -51,6 +51,16 @@ MAX_LIST = 1000
 MAX_JTI_CHARS = 200  # the used_tokens.jti column
 
 Clock = Callable[[], dt.datetime]
+
+# NOTE: the exchange writes its rows with SQLAlchemy Core statements built once (no ORM unit of
+# work, no autoflush; the compiled statements are cached): most of an exchange's time was the ORM.
+_GRANTS, _USED_TOKENS = GrantRow.__table__, UsedTokenRow.__table__
+assert isinstance(_GRANTS, Table) and isinstance(_USED_TOKENS, Table)
+_INSERT_GRANT = insert(_GRANTS)
+_SPEND_TOKEN = insert(_USED_TOKENS)
+_SPENT_OF = select(_USED_TOKENS.c.issuer, _USED_TOKENS.c.jti).where(
+    tuple_(_USED_TOKENS.c.issuer, _USED_TOKENS.c.jti).in_(bindparam("keys", expanding=True))
+)
 
 
 def utcnow() -> dt.datetime:
@@ -79,6 +89,15 @@ class ExchangeRequest:
 class ExchangeResult:
     grant: Grant
     credential: Credential
+
+
+@dataclass(frozen=True, slots=True)
+class _ExchangeWrite:
+    """What one exchange writes: its event, the spent token and the grant (if any)."""
+
+    event: NewEvent
+    spend: dict[str, Any] | None = None
+    grant: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -119,6 +138,13 @@ class GrantService:
         self.store = store
         self.backends = backends
         self.clock = clock
+        # NOTE: an exchange's rows and event are committed in a batch with the other exchanges
+        # waiting meanwhile, and the caller answers only after that commit (fail closed).
+        self._writes = GroupCommit[_ExchangeWrite](store, self._write_batch)
+
+    def close(self) -> None:
+        """Commit the exchanges still queued and stop the group-commit writer."""
+        self._writes.close()
 
     # --- exchange ------------------------------------------------------------------------------
 
@@ -252,16 +278,25 @@ class GrantService:
                 grant_id=grant.id,
             )
 
-        if not backend.external:
-            credential = backend.issue(grant)
+        if backend.external:
+            return self._issue_external(grant, identity, backend, attempt, commit)
+        credential = backend.issue(grant)
+        row = _grant_values(grant, identity, credential.credential_ref, GrantStatus.ACTIVE)
+        if approval_id is not None:
             with self.store.write() as session:
-                self._consume(session, identity)
-                session.add(
-                    _grant_row(grant, identity, credential.credential_ref, GrantStatus.ACTIVE)
-                )
+                conn = session.connection()
+                self._consume(conn, identity)
+                conn.execute(_INSERT_GRANT, row)
                 commit(session, credential)
             return ExchangeResult(grant=grant, credential=credential)
-        return self._issue_external(grant, identity, backend, attempt, commit)
+        # The common case: committed together with the other exchanges waiting meanwhile.
+        event = {**allowed, "credential_ref": credential.credential_ref}
+        self._writes.run(
+            _ExchangeWrite(
+                NewEvent("exchange.allowed", now, event, grant.id), _spend(identity), row
+            )
+        )
+        return ExchangeResult(grant=grant, credential=credential)
 
     def _issue_external(
         self,
@@ -274,9 +309,9 @@ class GrantService:
         """``issuing`` row → backend → ``active``. NOTE: a crash between the backend and the
         commit leaves an ``issuing`` row and a credential carrying the grant id: the reconciler
         revokes it. Any failure marks the grant ``failed`` and revokes what was issued."""
-        with self.store.write() as session:
-            self._consume(session, identity)
-            session.add(_grant_row(grant, identity, None, GrantStatus.ISSUING))
+        with self.store.transaction() as conn:
+            self._consume(conn, identity)
+            conn.execute(_INSERT_GRANT, _grant_values(grant, identity, None, GrantStatus.ISSUING))
         attempt.spent = True
         try:
             credential = backend.issue(grant)
@@ -340,20 +375,48 @@ class GrantService:
         return f"{head}: {shown}" + (f" (and {more} more rules)" if more > 0 else "")
 
     @staticmethod
-    def _consume(session: Session, identity: WorkloadIdentity) -> None:
-        """Spend a single-use token's jti in ``session``'s transaction. Raises TokenReplayed when
+    def _consume(conn: Connection, identity: WorkloadIdentity) -> None:
+        """Spend a single-use token's jti in ``conn``'s transaction. Raises TokenReplayed when
         it was spent before; the primary key makes this atomic across concurrent requests."""
-        if not (identity.single_use and identity.jti) or len(identity.jti) > MAX_JTI_CHARS:
+        spend = _spend(identity)
+        if spend is None:
             return
-        expires = dt.datetime.fromtimestamp(identity.expires_at, dt.UTC)
-        session.add(UsedTokenRow(issuer=identity.issuer_name, jti=identity.jti, expires_at=expires))
         try:
-            session.flush()
+            conn.execute(_SPEND_TOKEN, spend)
         except IntegrityError:
-            raise TokenReplayed(
-                f"token replayed: jti {identity.jti!r} of issuer {identity.issuer_name} was "
-                "already exchanged (this issuer allows one exchange per token)"
-            ) from None
+            raise _replayed(spend) from None
+
+    def _write_batch(
+        self, conn: Connection, writes: Sequence[_ExchangeWrite]
+    ) -> tuple[list[Exception | None], Callable[[], None] | None]:
+        """Write the exchanges of one group commit (see GroupCommit). A token spent before, or
+        twice in the batch, fails its own exchange with TokenReplayed and writes nothing of it.
+        NOTE: the primary key still guards the spend: should the insert hit a token spent
+        meanwhile (another process), the whole batch fails closed."""
+        outcomes: list[Exception | None] = [None] * len(writes)
+        keys = [(w.spend["issuer"], w.spend["jti"]) for w in writes if w.spend is not None]
+        spent = {(i, j) for i, j in conn.execute(_SPENT_OF, {"keys": keys})} if keys else set()
+        for i, write in enumerate(writes):
+            if write.spend is not None:
+                key = (write.spend["issuer"], write.spend["jti"])
+                if key in spent:
+                    outcomes[i] = _replayed(write.spend)
+                spent.add(key)
+        live = [i for i, error in enumerate(outcomes) if error is None]
+        appended, frontier = self.audit.append_batch(conn, [writes[i].event for i in live])
+        for i, result in zip(live, appended, strict=True):
+            if isinstance(result, ValueError):
+                outcomes[i] = result
+        done = [w for w, error in zip(writes, outcomes, strict=True) if error is None]
+        tokens = [w.spend for w in done if w.spend is not None]
+        grants = [w.grant for w in done if w.grant is not None]
+        if tokens:
+            conn.execute(_SPEND_TOKEN, tokens)
+        if grants:
+            conn.execute(_INSERT_GRANT, grants)
+        if frontier is None:
+            return outcomes, None
+        return outcomes, lambda: self.audit.committed(frontier)
 
     def _record_denial(
         self,
@@ -374,12 +437,10 @@ class GrantService:
             "identity": _identity_event(identity) if identity else None,
             "token_hmac": self.audit.token_hmac(req.subject_token) if req.subject_token else None,
         }
-        now = self.clock()
+        event = NewEvent("exchange.denied", self.clock(), data)
+        spend = _spend(identity) if consume and identity is not None else None
         try:
-            with self.store.write() as session:
-                if consume and identity is not None:
-                    self._consume(session, identity)
-                self.audit.append(session, "exchange.denied", now, data)
+            self._writes.run(_ExchangeWrite(event, spend))
         except TokenReplayed as replay:
             self._record_denial(req, identity, replay, consume=False)
             raise replay from None
@@ -574,28 +635,44 @@ def _identity_event(identity: WorkloadIdentity) -> dict[str, Any]:
     }
 
 
-def _grant_row(
-    grant: Grant, identity: WorkloadIdentity, credential_ref: str | None, status: GrantStatus
-) -> GrantRow:
-    return GrantRow(
-        id=grant.id,
-        issuer=grant.issuer,
-        issuer_url=grant.issuer_url,
-        subject=grant.subject,
-        identity_claims=grant.identity_claims,
-        subject_jti=identity.jti,
-        model=grant.model,
-        action=grant.action,
-        tier=grant.tier,
-        backend=grant.backend,
-        rule=grant.rule,
-        policy_digest=grant.policy_digest,
-        audience=grant.audience,
-        reason=grant.reason,
-        lineage=grant.lineage,
-        approval_id=grant.approval_id,
-        issued_at=grant.issued_at,
-        expires_at=grant.expires_at,
-        status=str(status),
-        credential_ref=credential_ref,
+def _spend(identity: WorkloadIdentity) -> dict[str, Any] | None:
+    """The ``used_tokens`` row that spends a single-use token, or None (not single use)."""
+    if not (identity.single_use and identity.jti) or len(identity.jti) > MAX_JTI_CHARS:
+        return None
+    expires = dt.datetime.fromtimestamp(identity.expires_at, dt.UTC)
+    return {"issuer": identity.issuer_name, "jti": identity.jti, "expires_at": expires}
+
+
+def _replayed(spend: dict[str, Any]) -> TokenReplayed:
+    return TokenReplayed(
+        f"token replayed: jti {spend['jti']!r} of issuer {spend['issuer']} was already "
+        "exchanged (this issuer allows one exchange per token)"
     )
+
+
+def _grant_values(
+    grant: Grant, identity: WorkloadIdentity, credential_ref: str | None, status: GrantStatus
+) -> dict[str, Any]:
+    """The ``grants`` row of a new grant, as parameters for ``_INSERT_GRANT``."""
+    return {
+        "id": grant.id,
+        "issuer": grant.issuer,
+        "issuer_url": grant.issuer_url,
+        "subject": grant.subject,
+        "identity_claims": grant.identity_claims,
+        "subject_jti": identity.jti,
+        "model": grant.model,
+        "action": grant.action,
+        "tier": grant.tier,
+        "backend": grant.backend,
+        "rule": grant.rule,
+        "policy_digest": grant.policy_digest,
+        "audience": grant.audience,
+        "reason": grant.reason,
+        "lineage": grant.lineage,
+        "approval_id": grant.approval_id,
+        "issued_at": grant.issued_at,
+        "expires_at": grant.expires_at,
+        "status": str(status),
+        "credential_ref": credential_ref,
+    }

@@ -6,22 +6,29 @@ nothing was recorded, so nothing may be issued.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.errors import AuditUnavailable
 
+log = logging.getLogger("broker.store")
 MIGRATIONS = Path(__file__).parent / "migrations"
+HEAD_REVISION = "0004"
+"""The newest migration (a test checks it against Alembic's head). A database already at it
+is opened without importing Alembic, which would cost the server ~11 MB for nothing."""
 SqliteSync = Literal["FULL", "NORMAL"]
+BUSY_TIMEOUT_S = 10
+"""How long a writer waits for the write lock (this process's, then SQLite's) before failing."""
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -37,7 +44,7 @@ def _sqlite_setup(engine: Engine, synchronous: SqliteSync) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         # NOTE: FULL fsyncs every commit, so an acknowledged exchange survives power loss.
         cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -47,6 +54,19 @@ def _sqlite_setup(engine: Engine, synchronous: SqliteSync) -> None:
         # instead of failing when a read snapshot cannot be upgraded.
         mode = "DEFERRED" if conn.get_execution_options().get("readonly") else "IMMEDIATE"
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _unavailable(exc: SQLAlchemyError) -> AuditUnavailable:
+    cause = type(getattr(exc, "orig", None) or exc).__name__
+    return AuditUnavailable(f"the store could not record the event ({cause}); nothing was issued")
+
+
+@contextmanager
+def _fail_closed() -> Iterator[None]:
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise _unavailable(exc) from exc
 
 
 class Store:
@@ -67,27 +87,61 @@ class Store:
         self._reader = sessionmaker(
             self.engine.execution_options(readonly=True), expire_on_commit=False
         )
+        # SQLite has one writer at a time. Threads of this process queue on a lock here instead
+        # of polling in SQLite's busy handler (which sleeps up to 100 ms between tries); other
+        # processes still meet BEGIN IMMEDIATE and busy_timeout. PostgreSQL needs no lock: its
+        # row lock on log_head serialises appenders, and other writes may run in parallel.
+        self._write_lock = threading.Lock() if is_sqlite else None
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
+        if self.revision() == HEAD_REVISION:
+            return
+        from alembic import command  # noqa: PLC0415 (see HEAD_REVISION)
+        from alembic.config import Config  # noqa: PLC0415
+
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
+    def revision(self) -> str | None:
+        """The schema's Alembic revision, or None when Alembic never ran here."""
+        with self.engine.execution_options(readonly=True).connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            found = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            return None if found is None else str(found)
+
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A transaction that commits on success; every database failure (including a constraint
-        a caller did not catch itself) becomes AuditUnavailable, so nothing is issued."""
+        a caller did not catch itself) becomes AuditUnavailable, so nothing is issued. On SQLite
+        the transactions of this process run one at a time (not nested: a write inside a write
+        times out with AuditUnavailable)."""
+        with self._one_writer(), _fail_closed(), self._writer() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """:meth:`write` as a SQLAlchemy Core connection, without an ORM session: for the hot
+        paths that write prebuilt statements. The same guarantees and errors."""
+        with self._one_writer(), _fail_closed(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _one_writer(self) -> Iterator[None]:
+        lock = self._write_lock
+        if lock is None:
+            yield
+            return
+        if not lock.acquire(timeout=BUSY_TIMEOUT_S):
+            raise AuditUnavailable("the store is busy (write lock timeout); nothing was issued")
         try:
-            with self._writer() as session, session.begin():
-                yield session
-        except SQLAlchemyError as exc:
-            cause = type(getattr(exc, "orig", None) or exc).__name__
-            raise AuditUnavailable(
-                f"the store could not record the event ({cause}); nothing was issued"
-            ) from exc
+            yield
+        finally:
+            lock.release()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -99,3 +153,99 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+T = TypeVar("T")
+Outcomes = list[Exception | None]
+WriteBatch = Callable[[Connection, Sequence[T]], tuple[Outcomes, Callable[[], None] | None]]
+"""Writes a batch of items in one open transaction. Returns, per item, None (written) or the
+error for that item alone (nothing of it written), and what to run once the batch committed.
+Raising fails the whole batch."""
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting(Generic[T]):
+    item: T
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+
+
+class GroupCommit(Generic[T]):
+    """Group commit: one writer thread writes the items of every waiting caller in one write
+    transaction and commits once, so many exchanges share a BEGIN, a COMMIT, an fsync and one
+    multi-row statement per table.
+
+    :meth:`run` returns only after the transaction holding its item committed. NOTE: fail
+    closed: when the batch cannot be written or committed, every caller in it gets
+    AuditUnavailable, whatever its own outcome was; an item that ``write`` refuses on its own
+    (a replayed token) fails only its caller.
+    """
+
+    def __init__(self, store: Store, write: WriteBatch[T], *, max_batch: int = 256) -> None:
+        self._store = store
+        self._write = write
+        self._max_batch = max_batch
+        self._queue: list[_Waiting[T]] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def run(self, item: T) -> None:
+        """Write ``item`` in the next group commit and wait until it committed. Raises the
+        item's own error, or AuditUnavailable when its batch did not commit."""
+        waiting = _Waiting(item)
+        with self._wake:
+            if self._closed:
+                raise AuditUnavailable("the broker is shutting down; nothing was issued")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._writer, name="broker-group-commit", daemon=True
+                )
+                self._thread.start()
+            self._queue.append(waiting)
+            self._wake.notify()
+        waiting.done.wait()
+        if waiting.error is not None:
+            raise waiting.error
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the writer thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=BUSY_TIMEOUT_S * 2)
+
+    def _writer(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+            failure: str | None = "the store failed; nothing was issued"
+            try:
+                self._commit(batch)
+                failure = None
+            except AuditUnavailable as exc:
+                failure = exc.description
+            except Exception:  # a bug: still nobody may rely on this batch
+                log.exception("group commit failed")
+            finally:  # NOTE: whatever ended the batch, a caller succeeds only after its commit
+                for waiting in batch:
+                    if failure is not None:
+                        waiting.error = AuditUnavailable(failure)
+                    waiting.done.set()
+
+    def _commit(self, batch: list[_Waiting[T]]) -> None:
+        with self._store.transaction() as conn:
+            outcomes, after_commit = self._write(conn, [w.item for w in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError("the batch writer returned a wrong number of outcomes")
+        for waiting, error in zip(batch, outcomes, strict=True):
+            waiting.error = error
+        if after_commit is not None:
+            after_commit()

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
+import time
+from urllib.parse import urlencode
 
 import jwt
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from broker.audit.checkpoint import NoteVerifier
+from broker.audit.export import verify_store
+from broker.audit.merkle import root_from_leaves
 from broker.runtime import Broker
 from broker.store.tables import EventRow, GrantRow
 from tests.conftest import EVAL_SUB, eval_token, exchange_form
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def _events(broker: Broker) -> list[dict[str, object]]:
@@ -195,3 +203,158 @@ def test_event_indexes_are_dense_across_outcomes(client: TestClient, broker: Bro
     with broker.store.read() as s:
         idx = list(s.scalars(select(EventRow.idx).order_by(EventRow.idx)))
     assert idx == list(range(5))  # policy.loaded, then the four attempts
+
+
+def _assert_log_exact(broker: Broker) -> int:
+    """Dense indexes, the stored tree equals the tree of the event bodies, and a checkpoint
+    signed over it verifies. Returns the log's size."""
+    with broker.store.write() as s:
+        broker.audit.sign_checkpoint(s, dt.datetime.now(dt.UTC))
+    with broker.store.read() as s:
+        rows = list(s.execute(select(EventRow.idx, EventRow.body).order_by(EventRow.idx)))
+        assert [r.idx for r in rows] == list(range(len(rows)))
+        assert broker.audit.root(s, len(rows)) == root_from_leaves([r.body for r in rows])
+        report = verify_store(s, NoteVerifier.from_vkey(broker.audit.verifier_key()))
+    assert report.ok, report.problems
+    return len(rows)
+
+
+def _post_all(client: TestClient, forms: list[dict[str, str]]) -> list[tuple[int, str]]:
+    """POST every form from its own thread; (status, body) in the order of ``forms``."""
+    results: list[tuple[int, str]] = [(0, "")] * len(forms)
+
+    def go(i: int) -> None:
+        resp = client.post("/v1/token", data=forms[i])
+        results[i] = (resp.status_code, resp.text)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(forms))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_the_body_must_be_a_small_urlencoded_form(client: TestClient, broker: Broker) -> None:
+    token = eval_token(broker)
+    form = exchange_form(token)
+    cases = [
+        ({"json": form}, "Content-Type: expected application/x-www-form-urlencoded"),
+        ({"content": urlencode(form), "headers": {"Content-Type": "text/plain"}}, "Content-Type"),
+        ({"data": {**form, "reason": "x" * 70_000}}, "body: larger than 65536 bytes"),
+        (
+            {"content": urlencode(form) + "&x=1" * 100, "headers": FORM},
+            "body: expected at most 64 form fields",
+        ),
+        ({"content": urlencode(form) + "&reason=%ff", "headers": FORM}, "UTF-8"),
+    ]
+    for kwargs, expected in cases:
+        resp = client.post("/v1/token", **kwargs)  # type: ignore[arg-type]
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"] == "invalid_request"
+        assert expected in resp.json()["error_description"]
+        assert token not in resp.text
+    # Refused before verification: the token was not spent.
+    assert client.post("/v1/token", data=form).status_code == 200
+
+
+def test_repeated_fields_are_refused(client: TestClient, broker: Broker) -> None:
+    cases = [
+        ("resource", "model:llama-7b", "invalid_target", "resource: expected exactly one"),
+        ("audience", "model:llama-7b", "invalid_target", "audience: expected exactly one"),
+        ("scope", "evaluate", "invalid_request", "scope: expected at most one, got 2"),
+        ("subject_token", "x", "invalid_request", "subject_token: expected at most one"),
+    ]
+    for name, value, code, text in cases:
+        token = eval_token(broker)
+        pairs = [*exchange_form(token).items(), (name, value)]
+        if name == "audience":
+            pairs.append((name, value))
+        resp = client.post("/v1/token", content=urlencode(pairs), headers=FORM)
+        assert (resp.status_code, resp.json()["error"]) == (400, code), resp.text
+        assert text in resp.json()["error_description"]
+        assert token not in resp.text
+
+
+def test_blank_optional_fields_count_as_absent(client: TestClient, broker: Broker) -> None:
+    form = exchange_form(eval_token(broker), reason="", requested_ttl="", approval_id="")
+    resp = client.post("/v1/token", data=form)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["expires_in"] == 3600
+
+
+def test_openapi_describes_the_token_form(client: TestClient) -> None:
+    post = client.get("/openapi.json").json()["paths"]["/v1/token"]["post"]
+    schema = post["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"]
+    assert set(schema["required"]) == {
+        "grant_type",
+        "subject_token",
+        "subject_token_type",
+        "resource",
+        "scope",
+    }
+    assert {"requested_token_type", "audience", "reason", "lineage", "approval_id"} <= set(
+        schema["properties"]
+    )
+    assert schema["properties"]["resource"]["type"] == "array"
+
+
+def test_concurrent_exchanges_keep_the_log_exact(client: TestClient, broker: Broker) -> None:
+    replayed = eval_token(broker)
+    forms = [exchange_form(eval_token(broker)) for _ in range(24)]
+    forms += [exchange_form(eval_token(broker), action="deploy-weights") for _ in range(4)]
+    forms += [exchange_form(replayed) for _ in range(4)]
+    results = _post_all(client, forms)
+    assert [status for status, _ in results[:24]] == [200] * 24
+    assert [status for status, _ in results[24:28]] == [403] * 4
+    assert sorted(status for status, _ in results[28:]) == [200, 400, 400, 400]
+    assert len(_grants(broker)) == 25
+    assert _assert_log_exact(broker) == 1 + 32  # policy.loaded and every attempt
+
+
+def test_replays_in_one_group_commit_fail_only_themselves(
+    client: TestClient, broker: Broker
+) -> None:
+    token, other = eval_token(broker), eval_token(broker)
+    first: list[tuple[int, str]] = []
+    results: list[tuple[int, str]] = []
+    threads = [
+        threading.Thread(target=lambda: first.extend(_post_all(client, [exchange_form(other)]))),
+        threading.Thread(
+            target=lambda: results.extend(_post_all(client, [exchange_form(token)] * 6))
+        ),
+    ]
+    # While this holds the store's writer lock, the writer waits with a batch of the first
+    # exchange, and the six exchanges of one token queue up for the batch after it.
+    with broker.store.write():
+        threads[0].start()
+        time.sleep(0.3)
+        threads[1].start()
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert first[0][0] == 200
+    assert sorted(status for status, _ in results) == [200] + [400] * 5
+    assert all("replayed" in body for status, body in results if status == 400)
+    assert token not in "".join(body for _, body in results)
+    assert len(_grants(broker)) == 2
+    events = _events(broker)
+    assert sorted(e["type"] for e in events) == ["exchange.allowed"] * 2 + ["exchange.denied"] * 5
+    assert _assert_log_exact(broker) == 1 + 7
+
+
+def test_no_credential_when_a_group_commit_fails(client: TestClient, broker: Broker) -> None:
+    with broker.store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER no_grants BEFORE INSERT ON grants "
+            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+    results = _post_all(client, [exchange_form(eval_token(broker)) for _ in range(8)])
+    assert [status for status, _ in results] == [503] * 8
+    assert all("access_token" not in body for _, body in results)
+    assert _grants(broker) == []
+    with broker.store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER no_grants")
+    assert client.post("/v1/token", data=exchange_form(eval_token(broker))).status_code == 200
+    assert len(_grants(broker)) == 1
+    _assert_log_exact(broker)

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from broker.audit.checkpoint import NoteVerifier
-from broker.audit.log import AuditIntegrityError, AuditLog, StoreHashReader
+from broker.audit.log import AuditIntegrityError, AuditLog, NewEvent, StoreHashReader
 from broker.audit.merkle import (
     leaf_hash,
     root_from_leaves,
@@ -71,6 +71,53 @@ def test_a_rolled_back_append_does_not_poison_the_cache(store: Store, audit: Aud
     assert [b"rolled-back" in b for b in leaves] == [False, False]
     with store.read() as s:
         assert audit.root(s, 2) == root_from_leaves(leaves)
+
+
+def test_batched_appends_keep_the_stored_tree_exact(
+    store: Store, audit: AuditLog, tmp_path: Path
+) -> None:
+    other = AuditLog.from_data_dir(tmp_path)  # a second process: its cache is always stale
+    big = {"x": "y" * 70000}
+    expected = 0
+    for n in range(1, 25):
+        log = audit if n % 3 else other
+        events = [NewEvent("t", NOW, {"n": n, "k": k}, grant_id=f"g{k}") for k in range(n % 5)]
+        if n % 4 == 0:  # too large: refused alone, takes no index
+            events.insert(n % 3, NewEvent("big", NOW, big))
+        with store.transaction() as conn:
+            results, frontier = log.append_batch(conn, events)
+        if frontier is not None:
+            log.committed(frontier)
+        appended = [r for r in results if isinstance(r, int)]
+        assert appended == list(range(expected, expected + len(appended)))
+        assert [isinstance(r, ValueError) for r in results] == [e.type == "big" for e in events]
+        expected += len(appended)
+        if n % 2:  # single appends in between, through an ORM session
+            with store.write() as s:
+                assert log.append(s, "single", NOW, {"n": n}) == expected
+            expected += 1
+        leaves = bodies(store)
+        assert len(leaves) == expected
+        with store.read() as s:
+            assert audit.root(s, len(leaves)) == root_from_leaves(leaves)
+    assert any(b'"grant_id":"g1"' in body for body in bodies(store))
+
+
+def test_a_rolled_back_batch_does_not_poison_the_cache(store: Store, audit: AuditLog) -> None:
+    with store.write() as s:
+        audit.append(s, "a", NOW, {})
+    with pytest.raises(RuntimeError), store.transaction() as conn:
+        audit.append_batch(conn, [NewEvent("rolled-back", NOW, {}), NewEvent("too", NOW, {})])
+        raise RuntimeError  # so the frontier is never handed to committed()
+    for name in ("b", "c", "d"):
+        with store.transaction() as conn:
+            _, frontier = audit.append_batch(conn, [NewEvent(name, NOW, {})])
+        assert frontier is not None
+        audit.committed(frontier)
+    leaves = bodies(store)
+    assert [b"rolled-back" in b for b in leaves] == [False] * 4
+    with store.read() as s:
+        assert audit.root(s, 4) == root_from_leaves(leaves)
 
 
 def test_leaves_carry_their_index_and_canonical_bytes(store: Store, audit: AuditLog) -> None:

@@ -1,19 +1,29 @@
-"""The store: migrations match the tables, UTC round trips, write failures fail closed."""
+"""The store: migrations match the tables, UTC round trips, write failures fail closed, writers
+take turns, and group commits answer only after their commit."""
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import select, text
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, event, insert, select, text
+from sqlalchemy.exc import OperationalError
 
 from broker.audit.log import AuditLog
-from broker.errors import AuditUnavailable
-from broker.store.db import Store, sqlite_url
+from broker.errors import AuditUnavailable, InvalidRequest
+from broker.store.db import HEAD_REVISION, MIGRATIONS, GroupCommit, Store, sqlite_url
 from broker.store.tables import Base, EventRow, UsedTokenRow
+
+NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
 
 
 @pytest.fixture
@@ -72,3 +82,169 @@ def test_database_failure_becomes_audit_unavailable(store: Store, audit: AuditLo
         conn.exec_driver_sql("DROP TABLE log_head")
     with pytest.raises(AuditUnavailable, match="nothing was issued"), store.write() as s:
         audit.append(s, "x", dt.datetime.now(dt.UTC), {})
+
+
+def test_head_revision_is_alembics_head(store: Store) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+    assert store.revision() == HEAD_REVISION
+
+
+def test_sqlite_writers_of_one_process_take_turns(store: Store) -> None:
+    inside, most, guard = 0, 0, threading.Lock()
+
+    def write(n: int) -> None:
+        nonlocal inside, most
+        with store.write() as s:
+            with guard:
+                inside += 1
+                most = max(most, inside)
+            s.add(UsedTokenRow(issuer="i", jti=f"j{n}", expires_at=NOW))
+            time.sleep(0.005)
+            with guard:
+                inside -= 1
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1
+    assert len(_jtis(store)) == 12
+
+
+# --- group commit ---------------------------------------------------------------------------------
+
+_SPEND = insert(UsedTokenRow.__table__)
+
+
+def _jtis(store: Store) -> list[str]:
+    with store.read() as s:
+        return sorted(s.scalars(select(UsedTokenRow.jti)))
+
+
+def _spend_all(
+    gate: Callable[[Sequence[str]], None] = lambda _items: None,
+    committed: list[Sequence[str]] | None = None,
+) -> Any:
+    """A batch writer: one used_tokens row per item, all in one multi-row insert ("bad" is
+    refused on its own); ``gate`` runs first, ``committed`` collects committed batches."""
+
+    def write(
+        conn: Connection, items: Sequence[str]
+    ) -> tuple[list[Exception | None], Callable[[], None] | None]:
+        gate(items)
+        outcomes: list[Exception | None] = [
+            InvalidRequest("bad item") if i == "bad" else None for i in items
+        ]
+        rows = [{"issuer": "i", "jti": i, "expires_at": NOW} for i in items if i != "bad"]
+        if rows:
+            conn.execute(_SPEND, rows)
+        after = None if committed is None else lambda: committed.append(items)
+        return outcomes, after
+
+    return write
+
+
+def _run_all(group: GroupCommit[str], items: list[str]) -> dict[str, list[BaseException | None]]:
+    """Run each item from its own thread; what each got, by item."""
+    got: dict[str, list[BaseException | None]] = {i: [] for i in items}
+
+    def go(item: str) -> None:
+        try:
+            group.run(item)
+            got[item].append(None)
+        except Exception as exc:
+            got[item].append(exc)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
+def _held_batch(
+    store: Store, items: list[str], committed: list[Sequence[str]]
+) -> dict[str, list[BaseException | None]]:
+    """Run "first" alone, then ``items`` together in the next batch: the first batch waits in
+    the writer until every item has queued behind it."""
+    entered, release = threading.Event(), threading.Event()
+
+    def gate(batch: Sequence[str]) -> None:
+        if "first" in batch:
+            entered.set()
+            assert release.wait(10)
+
+    group = GroupCommit(store, _spend_all(gate, committed))
+    first = threading.Thread(target=group.run, args=("first",))
+    first.start()
+    assert entered.wait(10)
+    results: dict[str, list[BaseException | None]] = {}
+    runner = threading.Thread(target=lambda: results.update(_run_all(group, items)))
+    runner.start()
+    deadline = time.monotonic() + 10
+    while len(group._queue) < len(items):  # the items queue behind the first batch
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    release.set()
+    runner.join()
+    first.join()
+    group.close()
+    return results
+
+
+def test_group_commit_answers_after_its_commit(store: Store) -> None:
+    committed: list[Sequence[str]] = []
+    group = GroupCommit(store, _spend_all(committed=committed))
+    group.run("a")
+    assert _jtis(store) == ["a"] and committed == [["a"]]
+    with pytest.raises(InvalidRequest, match="bad item"):
+        group.run("bad")
+    got = _run_all(group, [f"c{n}" for n in range(20)])
+    assert all(v == [None] for v in got.values())
+    assert _jtis(store) == sorted(["a", *got])
+    group.close()
+    with pytest.raises(AuditUnavailable, match="shutting down"):
+        group.run("late")
+
+
+def test_group_commit_batches_waiting_callers(store: Store) -> None:
+    committed: list[Sequence[str]] = []
+    got = _held_batch(store, ["x", "bad", "y"], committed)
+    assert [list(b) for b in committed] == [["first"], ["x", "bad", "y"]]
+    assert got["x"] == [None] and got["y"] == [None]
+    [bad] = got["bad"]
+    assert isinstance(bad, InvalidRequest)  # refused alone; the batch committed
+    assert _jtis(store) == ["first", "x", "y"]
+
+
+def test_a_batch_that_fails_fails_every_caller_in_it(store: Store) -> None:
+    # "x" twice: the multi-row insert hits the primary key and the whole batch fails.
+    committed: list[Sequence[str]] = []
+    got = _held_batch(store, ["w", "x", "x", "bad"], committed)
+    assert [list(b) for b in committed] == [["first"]]
+    for outcome in got.values():
+        assert all(isinstance(e, AuditUnavailable) for e in outcome), got
+    assert _jtis(store) == ["first"]
+
+
+def test_a_batch_whose_commit_fails_fails_every_caller(store: Store) -> None:
+    committed: list[Sequence[str]] = []
+    group = GroupCommit(store, _spend_all(committed=committed))
+
+    def fail(_conn: Any) -> None:
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    event.listen(store.engine, "commit", fail)
+    try:
+        got = _run_all(group, ["a", "b", "c"])
+    finally:
+        event.remove(store.engine, "commit", fail)
+    assert all(isinstance(e, AuditUnavailable) for v in got.values() for e in v), got
+    assert committed == [] and _jtis(store) == []
+    group.run("d")  # the writer survives and commits again
+    assert _jtis(store) == ["d"]
+    group.close()

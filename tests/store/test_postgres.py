@@ -3,6 +3,7 @@ protection under concurrency, revocation and audit verification, on a real serve
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from broker.audit.checkpoint import NoteVerifier
 from broker.audit.export import verify_store
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
-from broker.store.tables import EventRow
+from broker.store.tables import EventRow, UsedTokenRow
 from tests.conftest import eval_token, exchange_form, person_token
 from tests.servers import Postgres
 
@@ -94,3 +95,52 @@ def test_single_use_tokens_under_concurrency_on_postgres(
     with broker.store.read() as session:
         idx = list(session.scalars(select(EventRow.idx).order_by(EventRow.idx)))
     assert idx == list(range(len(idx))) and len(idx) == 9  # policy.loaded + 8 attempts, dense
+
+
+def test_writers_are_not_serialised_in_process_on_postgres(
+    pg_broker: tuple[TestClient, Broker],
+) -> None:
+    # On SQLite one writer of a process waits for the other; PostgreSQL's row locks serialise
+    # only what must be (log_head), so a second write commits while the first is still open.
+    _, broker = pg_broker
+    expires = dt.datetime.now(dt.UTC)
+    committed = threading.Event()
+
+    def other() -> None:
+        with broker.store.write() as s:
+            s.add(UsedTokenRow(issuer="i", jti="second", expires_at=expires))
+        committed.set()
+
+    with broker.store.write() as s:
+        s.add(UsedTokenRow(issuer="i", jti="first", expires_at=expires))
+        s.flush()
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert committed.wait(5)
+    thread.join()
+
+
+def test_concurrent_exchanges_keep_the_log_exact_on_postgres(
+    pg_broker: tuple[TestClient, Broker],
+) -> None:
+    client, broker = pg_broker
+    replayed = eval_token(broker)
+    forms = [exchange_form(eval_token(broker)) for _ in range(16)]
+    forms += [exchange_form(replayed) for _ in range(4)]
+    results: list[int] = [0] * len(forms)
+
+    def go(i: int) -> None:
+        results[i] = client.post("/v1/token", data=forms[i]).status_code
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(forms))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[:16] == [200] * 16
+    assert sorted(results[16:]) == [200, 400, 400, 400]
+    with broker.store.write() as session:
+        broker.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+    with broker.store.read() as session:
+        report = verify_store(session, NoteVerifier.from_vkey(broker.audit.verifier_key()))
+    assert report.ok and report.size == 1 + 20, report.problems
