@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from broker.errors import Forbidden, IdentityRejected, Unauthenticated
 from broker.identity.types import Person, WorkloadIdentity
+from broker.identity.verifier import MAX_TOKEN_BYTES
 from broker.runtime import Broker
 
 
@@ -44,6 +45,8 @@ PersonDep = Annotated[Person, Depends(authenticate_person)]
 def authenticate_any(request: Request, broker: BrokerDep) -> Person | WorkloadIdentity:
     """A person or a workload from any configured issuer (introspection callers)."""
     token = bearer_token(request)
+    if len(token) > MAX_TOKEN_BYTES:
+        raise Unauthenticated(f"bearer token rejected: larger than {MAX_TOKEN_BYTES} bytes")
     try:
         # Routing only: the unverified iss picks which verification to run, never what passes.
         iss = jwt.decode(token, options={"verify_signature": False}).get("iss")

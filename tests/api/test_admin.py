@@ -143,6 +143,8 @@ def test_introspection_needs_a_caller_and_rejects_foreign_tokens(
     assert resp.json()["active"] is True
     assert _introspect(client, broker, eval_token(broker)) == {"active": False}  # not a broker JWT
     assert _introspect(client, broker, "x.y.z") == {"active": False}
+    huge = client.post("/v1/introspect", data={"token": "x"}, headers=_bearer("a" * 20_000))
+    assert huge.status_code == 401 and "larger than" in huge.json()["error_description"]
 
 
 def test_key_rotation_publishes_next_and_keeps_one_previous_key(
