@@ -77,11 +77,13 @@ class Broker:
         return str(self.settings.issuer_url)
 
     def maintain(self) -> None:
-        """One round of housekeeping: expire grants and approvals, settle grants stuck
+        """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
+        tokens, settle grants stuck
         ``issuing``, retry due backend revocations, reconcile backend credentials (every
         ``reconcile_interval``), and sign a checkpoint if the log grew."""
         revocations = self.grants.revocations
         self.grants.expire_due()
+        self.grants.purge_spent_tokens()
         self.approvals.expire_due()
         revocations.settle_stuck(older_than_s=STUCK_ISSUING_S)
         revocations.process()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, bindparam, insert, or_, select, tuple_
+from sqlalchemy import Connection, Table, and_, bindparam, delete, insert, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,7 +39,7 @@ from broker.grants.lineage import lineage_datasets, parse_lineage
 from broker.grants.model import Grant, GrantStatus
 from broker.grants.revocation import Revocations
 from broker.identity.types import Person, WorkloadIdentity
-from broker.identity.verifier import Verifier
+from broker.identity.verifier import LEEWAY_SECONDS, Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
 from broker.store.db import GroupCommit, Store
 from broker.store.tables import GrantRow, UsedTokenRow
@@ -575,6 +575,14 @@ class GrantService:
             },
             grant_id=row.id,
         )
+
+    def purge_spent_tokens(self) -> int:
+        """Forget spent single-use ``jti``s whose tokens have expired (plus the verifier's
+        leeway): the verifier refuses those tokens anyway. Returns how many rows went."""
+        cutoff = self.clock() - dt.timedelta(seconds=2 * LEEWAY_SECONDS)
+        with self.store.transaction() as conn:
+            done = conn.execute(delete(UsedTokenRow).where(UsedTokenRow.expires_at < cutoff))
+        return int(done.rowcount)
 
     def expire_due(self) -> int:
         """Mark active grants past their expiry as expired, one ``grant.expired`` event each.

@@ -358,3 +358,15 @@ def test_no_credential_when_a_group_commit_fails(client: TestClient, broker: Bro
     assert client.post("/v1/token", data=exchange_form(eval_token(broker))).status_code == 200
     assert len(_grants(broker)) == 1
     _assert_log_exact(broker)
+
+
+def test_spent_jtis_are_forgotten_only_after_their_tokens_expire(
+    client: TestClient, broker: Broker
+) -> None:
+    token = eval_token(broker, ttl=60)
+    assert client.post("/v1/token", data=exchange_form(token)).status_code == 200
+    assert broker.grants.purge_spent_tokens() == 0  # still valid: the jti must stay spent
+    assert client.post("/v1/token", data=exchange_form(token)).status_code == 400
+    real = broker.grants.clock
+    broker.grants.clock = lambda: real() + dt.timedelta(minutes=10)
+    assert broker.grants.purge_spent_tokens() == 1
