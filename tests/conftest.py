@@ -80,6 +80,22 @@ def exchange_form(
     }
 
 
+def post_concurrently(client: TestClient, forms: list[dict[str, str]]) -> list[tuple[int, str]]:
+    """POST every form to /v1/token from its own thread; (status, body) in the order of forms."""
+    results: list[tuple[int, str]] = [(0, "")] * len(forms)
+
+    def go(i: int) -> None:
+        resp = client.post("/v1/token", data=forms[i])
+        results[i] = (resp.status_code, resp.text)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(forms))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 class LiveServer:
     """uvicorn serving an app on a free loopback port in a thread; stopped by the fixture."""
 

@@ -17,7 +17,7 @@ from broker.audit.export import verify_store
 from broker.audit.merkle import root_from_leaves
 from broker.runtime import Broker
 from broker.store.tables import EventRow, GrantRow
-from tests.conftest import EVAL_SUB, eval_token, exchange_form
+from tests.conftest import EVAL_SUB, eval_token, exchange_form, post_concurrently
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -146,16 +146,7 @@ def test_single_use_token_is_exchanged_once_even_concurrently(
     client: TestClient, broker: Broker
 ) -> None:
     token = eval_token(broker)
-    results: list[int] = []
-
-    def go() -> None:
-        results.append(client.post("/v1/token", data=exchange_form(token)).status_code)
-
-    threads = [threading.Thread(target=go) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = [status for status, _ in post_concurrently(client, [exchange_form(token)] * 8)]
     assert sorted(results) == [200] + [400] * 7
     assert len(_grants(broker)) == 1
     again = client.post("/v1/token", data=exchange_form(token))
@@ -217,22 +208,6 @@ def _assert_log_exact(broker: Broker) -> int:
         report = verify_store(s, NoteVerifier.from_vkey(broker.audit.verifier_key()))
     assert report.ok, report.problems
     return len(rows)
-
-
-def _post_all(client: TestClient, forms: list[dict[str, str]]) -> list[tuple[int, str]]:
-    """POST every form from its own thread; (status, body) in the order of ``forms``."""
-    results: list[tuple[int, str]] = [(0, "")] * len(forms)
-
-    def go(i: int) -> None:
-        resp = client.post("/v1/token", data=forms[i])
-        results[i] = (resp.status_code, resp.text)
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(forms))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def test_the_body_must_be_a_small_urlencoded_form(client: TestClient, broker: Broker) -> None:
@@ -304,7 +279,7 @@ def test_concurrent_exchanges_keep_the_log_exact(client: TestClient, broker: Bro
     forms = [exchange_form(eval_token(broker)) for _ in range(24)]
     forms += [exchange_form(eval_token(broker), action="deploy-weights") for _ in range(4)]
     forms += [exchange_form(replayed) for _ in range(4)]
-    results = _post_all(client, forms)
+    results = post_concurrently(client, forms)
     assert [status for status, _ in results[:24]] == [200] * 24
     assert [status for status, _ in results[24:28]] == [403] * 4
     assert sorted(status for status, _ in results[28:]) == [200, 400, 400, 400]
@@ -319,9 +294,11 @@ def test_replays_in_one_group_commit_fail_only_themselves(
     first: list[tuple[int, str]] = []
     results: list[tuple[int, str]] = []
     threads = [
-        threading.Thread(target=lambda: first.extend(_post_all(client, [exchange_form(other)]))),
         threading.Thread(
-            target=lambda: results.extend(_post_all(client, [exchange_form(token)] * 6))
+            target=lambda: first.extend(post_concurrently(client, [exchange_form(other)]))
+        ),
+        threading.Thread(
+            target=lambda: results.extend(post_concurrently(client, [exchange_form(token)] * 6))
         ),
     ]
     # While this holds the store's writer lock, the writer waits with a batch of the first
@@ -349,7 +326,7 @@ def test_no_credential_when_a_group_commit_fails(client: TestClient, broker: Bro
             "CREATE TRIGGER no_grants BEFORE INSERT ON grants "
             "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
         )
-    results = _post_all(client, [exchange_form(eval_token(broker)) for _ in range(8)])
+    results = post_concurrently(client, [exchange_form(eval_token(broker)) for _ in range(8)])
     assert [status for status, _ in results] == [503] * 8
     assert all("access_token" not in body for _, body in results)
     assert _grants(broker) == []

@@ -19,7 +19,7 @@ from broker.audit.export import verify_store
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.tables import EventRow, UsedTokenRow
-from tests.conftest import eval_token, exchange_form, person_token
+from tests.conftest import eval_token, exchange_form, person_token, post_concurrently
 from tests.servers import Postgres
 
 pytestmark = pytest.mark.integration
@@ -81,16 +81,7 @@ def test_single_use_tokens_under_concurrency_on_postgres(
 ) -> None:
     client, broker = pg_broker
     token = eval_token(broker)
-    results: list[int] = []
-
-    def go() -> None:
-        results.append(client.post("/v1/token", data=exchange_form(token)).status_code)
-
-    threads = [threading.Thread(target=go) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = [status for status, _ in post_concurrently(client, [exchange_form(token)] * 8)]
     assert sorted(results) == [200] + [400] * 7
     with broker.store.read() as session:
         idx = list(session.scalars(select(EventRow.idx).order_by(EventRow.idx)))
@@ -127,16 +118,7 @@ def test_concurrent_exchanges_keep_the_log_exact_on_postgres(
     replayed = eval_token(broker)
     forms = [exchange_form(eval_token(broker)) for _ in range(16)]
     forms += [exchange_form(replayed) for _ in range(4)]
-    results: list[int] = [0] * len(forms)
-
-    def go(i: int) -> None:
-        results[i] = client.post("/v1/token", data=forms[i]).status_code
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(forms))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = [status for status, _ in post_concurrently(client, forms)]
     assert results[:16] == [200] * 16
     assert sorted(results[16:]) == [200, 400, 400, 400]
     with broker.store.write() as session:
