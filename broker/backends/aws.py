@@ -33,11 +33,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import boto3
-from botocore.config import Config
+# NOTE: only the exceptions at import time (~10 ms): boto3 and its clients cost ~0.3 s and ~30 MB
+# and are made on first use, so a broker whose policy merely mentions aws does not pay for them.
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+
+if TYPE_CHECKING:
+    import boto3
 
 from broker.backends.base import TOKEN_TYPE_AWS, Credential
 from broker.errors import (
@@ -526,14 +529,39 @@ class AwsBackend:
             _check_tag_value("model name", model)
         for action in self._policy.actions:
             _check_tag_value("action name", action)
-        session = session or boto3.Session()
-        # NOTE: botocore reads AWS_DEFAULT_REGION only; the product promises AWS_REGION too.
-        region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
-        config = Config(
-            retries={"mode": "standard"}, connect_timeout=5, read_timeout=15, region_name=region
-        )
-        self._sts = session.client("sts", config=config)
-        self._iam = session.client("iam", config=config)
+        self._session = session
+        self._clients: tuple[Any, Any] | None = None
+        self._clients_guard = threading.Lock()
+
+    def _connect(self) -> tuple[Any, Any]:
+        """The STS and IAM clients, made on first use from the session (default chain)."""
+        with self._clients_guard:
+            if self._clients is None:
+                import boto3  # noqa: PLC0415 (see the note at the imports)
+                from botocore.config import Config  # noqa: PLC0415
+
+                session = self._session or boto3.Session()
+                # NOTE: botocore reads AWS_DEFAULT_REGION only; the product promises AWS_REGION.
+                region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
+                config = Config(
+                    retries={"mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=15,
+                    region_name=region,
+                )
+                self._clients = (
+                    session.client("sts", config=config),
+                    session.client("iam", config=config),
+                )
+            return self._clients
+
+    @property
+    def _sts(self) -> Any:
+        return self._connect()[0]
+
+    @property
+    def _iam(self) -> Any:
+        return self._connect()[1]
 
     # --- issue ----------------------------------------------------------------------------------
 
@@ -859,9 +887,11 @@ class AwsBackend:
             raise _unavailable("IAM PutRolePolicy", exc) from None
 
     def close(self) -> None:
-        """Close the STS and IAM clients' connection pools."""
-        self._sts.close()
-        self._iam.close()
+        """Close the STS and IAM clients' connection pools (if they were ever made)."""
+        with self._clients_guard:
+            clients, self._clients = self._clients, None
+        for client in clients or ():
+            client.close()
 
     @contextmanager
     def _process_lock(self, role_arn: str) -> Iterator[None]:
