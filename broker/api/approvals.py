@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.api.deps import BrokerDep, PersonDep, authenticate_any, bearer_token, require_role
+from broker.api.deps import BrokerDep, PersonDep, WorkloadDep, authenticate_any, require_role
 from broker.backends.base import TOKEN_TYPE_JWT
-from broker.errors import Forbidden, IdentityRejected, InvalidRequest, Unauthenticated
+from broker.errors import Forbidden, InvalidRequest
 from broker.grants.service import ExchangeRequest
 from broker.identity.types import Person, WorkloadIdentity
 from broker.policy import Outcome
@@ -24,14 +24,6 @@ router = APIRouter(prefix="/v1", tags=["approvals"])
 READERS = ("approver", "auditor", "admin")
 
 
-def authenticate_workload(request: Request, broker: BrokerDep) -> WorkloadIdentity:
-    try:
-        return broker.verifier.verify_workload(bearer_token(request))
-    except IdentityRejected as exc:
-        raise Unauthenticated(f"bearer token rejected: {exc.description}") from None
-
-
-WorkloadDep = Annotated[WorkloadIdentity, Depends(authenticate_workload)]
 AnyCallerDep = Annotated[Person | WorkloadIdentity, Depends(authenticate_any)]
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import jwt
 from fastapi import Depends, Request
@@ -11,6 +12,8 @@ from broker.errors import Forbidden, IdentityRejected, Unauthenticated
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import MAX_TOKEN_BYTES
 from broker.runtime import Broker
+
+T = TypeVar("T")
 
 
 def get_broker(request: Request) -> Broker:
@@ -31,15 +34,28 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def authenticate_person(request: Request, broker: BrokerDep) -> Person:
-    """The person behind the bearer token (a ``kind: people`` issuer). 401 when it is bad."""
+def _bearer(request: Request, verify: Callable[[str], T]) -> T:
+    """``verify`` applied to the bearer token; a rejection becomes 401."""
     try:
-        return broker.verifier.verify_person(bearer_token(request))
+        return verify(bearer_token(request))
     except IdentityRejected as exc:
         raise Unauthenticated(f"bearer token rejected: {exc.description}") from None
 
 
+def authenticate_person(request: Request, broker: BrokerDep) -> Person:
+    """The person behind the bearer token (a ``kind: people`` issuer). 401 when it is bad."""
+    return _bearer(request, broker.verifier.verify_person)
+
+
 PersonDep = Annotated[Person, Depends(authenticate_person)]
+
+
+def authenticate_workload(request: Request, broker: BrokerDep) -> WorkloadIdentity:
+    """The workload behind the bearer token (its own identity token). 401 when it is bad."""
+    return _bearer(request, broker.verifier.verify_workload)
+
+
+WorkloadDep = Annotated[WorkloadIdentity, Depends(authenticate_workload)]
 
 
 def authenticate_any(request: Request, broker: BrokerDep) -> Person | WorkloadIdentity:
