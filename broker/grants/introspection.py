@@ -8,8 +8,8 @@ import jwt
 
 from broker.backends.keys import ALGORITHM, KeyRing
 from broker.grants.service import GrantService
+from broker.identity.verifier import MAX_TOKEN_BYTES
 
-MAX_TOKEN_BYTES = 16 * 1024
 INACTIVE: dict[str, Any] = {"active": False}
 
 
