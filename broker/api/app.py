@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +36,18 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=400)
 
 
-def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> FastAPI:
+class BrokerAPI(FastAPI):
+    """FastAPI with ``POST /v1/token`` (served by :class:`token.TokenEndpoint`, not a route) in
+    its OpenAPI document."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            schema["paths"] = {token.PATH: token.OPENAPI, **schema.get("paths", {})}
+        return super().openapi()
+
+
+def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> BrokerAPI:
     """Build the app. Pass ``broker`` to reuse one already built (tests, the CLI)."""
     instance = broker or build_broker(settings or Settings())
 
@@ -45,7 +57,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         yield
         instance.close()
 
-    app = FastAPI(
+    app = BrokerAPI(
         title="model-credential broker",
         version="0.1.0",
         lifespan=lifespan,
@@ -55,6 +67,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.broker = instance
     app.add_exception_handler(BrokerError, _broker_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(token.TokenEndpoint, broker=instance)
     app.include_router(token.router)
     app.include_router(admin.router)
     app.include_router(audit.router)

@@ -233,6 +233,30 @@ def test_the_body_must_be_a_small_urlencoded_form(client: TestClient, broker: Br
     assert client.post("/v1/token", data=form).status_code == 200
 
 
+def test_the_endpoint_takes_only_post(client: TestClient) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        resp = client.request(method, "/v1/token")
+        assert resp.status_code == 405, method
+        assert resp.headers["allow"] == "POST"
+        assert resp.headers["cache-control"] == "no-store"
+        assert resp.json() == {
+            "error": "invalid_request",
+            "error_description": f"method {method}: expected POST",
+        }
+    # Only the exact path is the token endpoint; its neighbours are the router's.
+    assert client.post("/v1/token/x", data={}).status_code == 404
+
+
+def test_answers_are_never_cached(client: TestClient, broker: Broker) -> None:
+    ok = client.post("/v1/token", data=exchange_form(eval_token(broker)))
+    refused = client.post("/v1/token", data={"grant_type": "password"})
+    for resp in (ok, refused):
+        assert resp.headers["cache-control"] == "no-store"
+        assert resp.headers["pragma"] == "no-cache"
+        assert resp.headers["content-type"] == "application/json"
+    assert (ok.status_code, refused.status_code) == (200, 400)
+
+
 def test_repeated_fields_are_refused(client: TestClient, broker: Broker) -> None:
     cases = [
         ("resource", "model:llama-7b", "invalid_target", "resource: expected exactly one"),
