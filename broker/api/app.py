@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -51,10 +52,13 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     """Build the app. Pass ``broker`` to reuse one already built (tests, the CLI)."""
     instance = broker or build_broker(settings or Settings())
 
+    exchanges = ThreadPoolExecutor(token.EXCHANGE_THREADS, thread_name_prefix="broker-exchange")
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         instance.start_maintenance()
         yield
+        exchanges.shutdown(wait=True)  # exchanges under way finish before the store closes
         instance.close()
 
     app = BrokerAPI(
@@ -67,7 +71,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.broker = instance
     app.add_exception_handler(BrokerError, _broker_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(token.TokenEndpoint, broker=instance)
+    app.add_middleware(token.TokenEndpoint, broker=instance, pool=exchanges)
     app.include_router(token.router)
     app.include_router(admin.router)
     app.include_router(audit.router)

@@ -41,7 +41,7 @@ from broker.grants.revocation import Revocations
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import LEEWAY_SECONDS, Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
-from broker.store.db import GroupCommit, Store
+from broker.store.db import GroupCommit, Steps, Store
 from broker.store.tables import GrantRow, UsedTokenRow
 
 log = logging.getLogger("broker.grants")
@@ -149,23 +149,36 @@ class GrantService:
     # --- exchange ------------------------------------------------------------------------------
 
     def exchange(self, req: ExchangeRequest) -> ExchangeResult:
-        """Run one token exchange. Raises a BrokerError subclass for every refusal; the refusal
-        has been recorded as an ``exchange.denied`` event before it is raised."""
+        """Run one token exchange, blocking until its grant and event committed. Raises a
+        BrokerError subclass for every refusal; the refusal has been recorded as an
+        ``exchange.denied`` event before it is raised."""
+        return self._writes.drive(self.exchange_steps(req))
+
+    def exchange_steps(self, req: ExchangeRequest) -> Steps[_ExchangeWrite, ExchangeResult]:
+        """:meth:`exchange` as steps (see :class:`~broker.store.db.Steps`): it yields the writes
+        for the group commit, which :meth:`commit_later` takes, and is resumed with each one's
+        outcome. NOTE: everything up to the first yield may block (keys, approvals, external
+        backends); nothing after a yield does, so the API resumes it on its event loop."""
         identity: WorkloadIdentity | None = None
         attempt = _Attempt()
         try:
             identity = self.verifier.verify_workload(req.subject_token)
             if identity.jti is not None and len(identity.jti) > MAX_JTI_CHARS:
                 raise IdentityRejected(f"claim jti: longer than {MAX_JTI_CHARS} characters")
-            return self._allow(identity, req, attempt)
+            return (yield from self._allow(identity, req, attempt))
         except AuditUnavailable:
             raise
         except TokenReplayed as error:
-            self._record_denial(req, identity, error, consume=False)
+            yield from self._record_denial(req, identity, error, consume=False)
             raise
         except BrokerError as error:
-            self._record_denial(req, identity, error, consume=not attempt.spent)
+            yield from self._record_denial(req, identity, error, consume=not attempt.spent)
             raise
+
+    def commit_later(self, write: _ExchangeWrite, done: Callable[[Exception | None], None]) -> None:
+        """Queue a write that :meth:`exchange_steps` yielded for the next group commit;
+        ``done`` is called with its outcome from the writer thread (see GroupCommit.submit)."""
+        self._writes.submit(write, done)
 
     def decide(
         self, identity: WorkloadIdentity, req: ExchangeRequest, backend: str
@@ -218,7 +231,7 @@ class GrantService:
 
     def _allow(
         self, identity: WorkloadIdentity, req: ExchangeRequest, attempt: _Attempt
-    ) -> ExchangeResult:
+    ) -> Steps[_ExchangeWrite, ExchangeResult]:
         backend = self.backends.for_token_type(req.token_type)
         decision, lineage = self.decide(identity, req, backend.name)
         approval_id = None
@@ -291,10 +304,8 @@ class GrantService:
             return ExchangeResult(grant=grant, credential=credential)
         # The common case: committed together with the other exchanges waiting meanwhile.
         event = {**allowed, "credential_ref": credential.credential_ref}
-        self._writes.run(
-            _ExchangeWrite(
-                NewEvent("exchange.allowed", now, event, grant.id), _spend(identity), row
-            )
+        yield _ExchangeWrite(
+            NewEvent("exchange.allowed", now, event, grant.id), _spend(identity), row
         )
         return ExchangeResult(grant=grant, credential=credential)
 
@@ -425,7 +436,7 @@ class GrantService:
         error: BrokerError,
         *,
         consume: bool,
-    ) -> None:
+    ) -> Steps[_ExchangeWrite, None]:
         """Record a refused attempt. NOTE: a single-use token is spent by the first attempt that
         passes verification, whatever the decision, so a refused token cannot be retried."""
         data: dict[str, Any] = {
@@ -440,9 +451,9 @@ class GrantService:
         event = NewEvent("exchange.denied", self.clock(), data)
         spend = _spend(identity) if consume and identity is not None else None
         try:
-            self._writes.run(_ExchangeWrite(event, spend))
+            yield _ExchangeWrite(event, spend)
         except TokenReplayed as replay:
-            self._record_denial(req, identity, replay, consume=False)
+            yield from self._record_denial(req, identity, replay, consume=False)
             raise replay from None
 
     # --- reads ---------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
@@ -156,18 +156,42 @@ class Store:
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 Outcomes = list[Exception | None]
 WriteBatch = Callable[[Connection, Sequence[T]], tuple[Outcomes, Callable[[], None] | None]]
 """Writes a batch of items in one open transaction. Returns, per item, None (written) or the
 error for that item alone (nothing of it written), and what to run once the batch committed.
 Raising fails the whole batch."""
+Done = Callable[[Exception | None], None]
+"""Called once an item's batch ended: with None when the item committed, else its error."""
+Steps = Generator[T, None, R]
+"""Work that needs group commits along the way: it yields each item to be written and is resumed
+once that item's batch ended, with nothing when the item committed and with its error thrown in
+when not; what it returns is its result. Whoever runs it chooses how to wait for the commits:
+:meth:`GroupCommit.drive` blocks a thread, the API awaits them on its event loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finished(Generic[R]):
+    """What :func:`advance` returns once the steps are done."""
+
+    value: R
+
+
+def advance(steps: Steps[T, R], error: Exception | None = None) -> T | Finished[R]:
+    """Run ``steps`` to its next item (first call: ``error`` None), resuming it with the last
+    item's outcome: ``error`` is thrown in. Returns the next item, or Finished with the result;
+    the steps' own errors propagate."""
+    try:
+        return steps.send(None) if error is None else steps.throw(error)
+    except StopIteration as stop:
+        return Finished(stop.value)
 
 
 @dataclass(eq=False, slots=True)
 class _Waiting(Generic[T]):
     item: T
-    done: threading.Event = field(default_factory=threading.Event)
-    error: Exception | None = None
+    done: Done
 
 
 class GroupCommit(Generic[T]):
@@ -175,8 +199,8 @@ class GroupCommit(Generic[T]):
     transaction and commits once, so many exchanges share a BEGIN, a COMMIT, an fsync and one
     multi-row statement per table.
 
-    :meth:`run` returns only after the transaction holding its item committed. NOTE: fail
-    closed: when the batch cannot be written or committed, every caller in it gets
+    A caller learns of its item's outcome only after the transaction holding it committed.
+    NOTE: fail closed: when the batch cannot be written or committed, every caller in it gets
     AuditUnavailable, whatever its own outcome was; an item that ``write`` refuses on its own
     (a replayed token) fails only its caller.
     """
@@ -190,10 +214,10 @@ class GroupCommit(Generic[T]):
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def run(self, item: T) -> None:
-        """Write ``item`` in the next group commit and wait until it committed. Raises the
-        item's own error, or AuditUnavailable when its batch did not commit."""
-        waiting = _Waiting(item)
+    def submit(self, item: T, done: Done) -> None:
+        """Queue ``item`` for the next group commit; the writer thread calls ``done`` with its
+        outcome (see :data:`Done`) once its batch ended. Raises AuditUnavailable (and never
+        calls ``done``) when the writer has been closed."""
         with self._wake:
             if self._closed:
                 raise AuditUnavailable("the broker is shutting down; nothing was issued")
@@ -202,11 +226,35 @@ class GroupCommit(Generic[T]):
                     target=self._writer, name="broker-group-commit", daemon=True
                 )
                 self._thread.start()
-            self._queue.append(waiting)
+            self._queue.append(_Waiting(item, done))
             self._wake.notify()
-        waiting.done.wait()
-        if waiting.error is not None:
-            raise waiting.error
+
+    def run(self, item: T) -> None:
+        """Write ``item`` in the next group commit and wait until it committed. Raises the
+        item's own error, or AuditUnavailable when its batch did not commit."""
+        ended = threading.Event()
+        outcome: list[Exception | None] = []
+
+        def done(error: Exception | None) -> None:
+            outcome.append(error)
+            ended.set()
+
+        self.submit(item, done)
+        ended.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def drive(self, steps: Steps[T, R]) -> R:
+        """Run ``steps`` in this thread, waiting here for each of its group commits."""
+        step = advance(steps)
+        while not isinstance(step, Finished):
+            try:
+                self.run(step)
+            except Exception as exc:  # the item's outcome: the steps handle it
+                step = advance(steps, exc)
+            else:
+                step = advance(steps)
+        return step.value
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer thread."""
@@ -226,26 +274,26 @@ class GroupCommit(Generic[T]):
                     return
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
-            failure: str | None = "the store failed; nothing was issued"
+            outcomes: Outcomes
             try:
-                self._commit(batch)
-                failure = None
+                outcomes = self._commit(batch)
             except AuditUnavailable as exc:
-                failure = exc.description
+                outcomes = [AuditUnavailable(exc.description) for _ in batch]
             except Exception:  # a bug: still nobody may rely on this batch
                 log.exception("group commit failed")
-            finally:  # NOTE: whatever ended the batch, a caller succeeds only after its commit
-                for waiting in batch:
-                    if failure is not None:
-                        waiting.error = AuditUnavailable(failure)
-                    waiting.done.set()
+                outcomes = [AuditUnavailable("the store failed; nothing was issued") for _ in batch]
+            # NOTE: whatever ended the batch, a caller learns of success only after its commit.
+            for waiting, error in zip(batch, outcomes, strict=True):
+                try:
+                    waiting.done(error)
+                except Exception:  # one caller's bug must not keep the others waiting
+                    log.exception("a group-commit caller failed to take its outcome")
 
-    def _commit(self, batch: list[_Waiting[T]]) -> None:
+    def _commit(self, batch: list[_Waiting[T]]) -> Outcomes:
         with self._store.transaction() as conn:
             outcomes, after_commit = self._write(conn, [w.item for w in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError("the batch writer returned a wrong number of outcomes")
-        for waiting, error in zip(batch, outcomes, strict=True):
-            waiting.error = error
         if after_commit is not None:
             after_commit()
+        return outcomes

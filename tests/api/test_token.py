@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import threading
 import time
-from urllib.parse import urlencode
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import parse_qs, urlencode
 
 import jwt
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from broker.api.token import exchange, exchange_fields
 from broker.audit.checkpoint import NoteVerifier
 from broker.audit.export import verify_store
 from broker.audit.merkle import root_from_leaves
@@ -371,3 +376,36 @@ def test_spent_jtis_are_forgotten_only_after_their_tokens_expire(
     real = broker.grants.clock
     broker.grants.clock = lambda: real() + dt.timedelta(minutes=10)
     assert broker.grants.purge_spent_tokens() == 1
+
+
+def test_the_event_loop_not_a_thread_awaits_the_commit(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a single exchange thread, two exchanges still reach the group commit together:
+    the thread is free again once an exchange's write is queued."""
+    submitted: list[object] = []
+    submit = broker.grants._writes.submit
+
+    def spy(item: Any, done: Any) -> None:
+        submitted.append(item)
+        submit(item, done)
+
+    monkeypatch.setattr(broker.grants._writes, "submit", spy)
+    reqs = [exchange_fields(parse_qs(urlencode(exchange_form(eval_token(broker))))) for _ in "ab"]
+    results: list[Any] = []
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(*(exchange(broker.grants, r, pool) for r in reqs))
+
+    with ThreadPoolExecutor(1) as pool:
+        runner = threading.Thread(target=lambda: results.extend(asyncio.run(both())))
+        with broker.store.write():  # nothing can commit meanwhile
+            runner.start()
+            deadline = time.monotonic() + 5  # below the writer's 10 s lock timeout
+            while len(submitted) < 2:
+                assert time.monotonic() < deadline, f"{len(submitted)} of 2 writes queued"
+                time.sleep(0.01)
+            assert results == []
+        runner.join(10)
+    assert len(results) == 2
+    assert {r.grant.id for r in results} == {g.id for g in _grants(broker)}

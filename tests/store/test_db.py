@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from broker.audit.log import AuditLog
 from broker.errors import AuditUnavailable, InvalidRequest
-from broker.store.db import HEAD_REVISION, MIGRATIONS, GroupCommit, Store, sqlite_url
+from broker.store.db import HEAD_REVISION, MIGRATIONS, GroupCommit, Steps, Store, sqlite_url
 from broker.store.tables import Base, EventRow, UsedTokenRow
 
 NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
@@ -214,7 +214,8 @@ def test_group_commit_answers_after_its_commit(store: Store) -> None:
 def test_group_commit_batches_waiting_callers(store: Store) -> None:
     committed: list[Sequence[str]] = []
     got = _held_batch(store, ["x", "bad", "y"], committed)
-    assert [list(b) for b in committed] == [["first"], ["x", "bad", "y"]]
+    # The three callers' threads queue in any order, but in one batch after the first.
+    assert [sorted(b) for b in committed] == [["first"], ["bad", "x", "y"]]
     assert got["x"] == [None] and got["y"] == [None]
     [bad] = got["bad"]
     assert isinstance(bad, InvalidRequest)  # refused alone; the batch committed
@@ -248,3 +249,55 @@ def test_a_batch_whose_commit_fails_fails_every_caller(store: Store) -> None:
     group.run("d")  # the writer survives and commits again
     assert _jtis(store) == ["d"]
     group.close()
+
+
+def test_steps_are_resumed_with_each_outcome(store: Store) -> None:
+    """GroupCommit.drive: the steps see None for a committed item and the item's own error
+    thrown in for a refused one, and may go on writing; their result is drive's."""
+    group = GroupCommit(store, _spend_all())
+    seen: list[str] = []
+
+    def steps() -> Steps[str, list[str]]:
+        yield "one"
+        seen.append("one committed")
+        try:
+            yield "bad"
+        except InvalidRequest as exc:
+            seen.append(f"bad refused: {exc.description}")
+            yield "after-bad"
+        return seen
+
+    assert group.drive(steps()) == ["one committed", "bad refused: bad item"]
+    assert _jtis(store) == ["after-bad", "one"]
+    group.close()
+    with pytest.raises(AuditUnavailable, match="shutting down"):
+        group.drive(steps())
+
+
+def test_submit_reports_after_the_commit_from_the_writer(store: Store) -> None:
+    """GroupCommit.submit: ``done`` runs once the item's batch committed (its row is visible to
+    another connection by then), and a caller whose ``done`` fails does not hold up others."""
+    group = GroupCommit(store, _spend_all())
+    reported: dict[str, tuple[Exception | None, list[str]]] = {}
+    all_done = threading.Event()
+
+    def done_for(item: str) -> Callable[[Exception | None], None]:
+        def done(error: Exception | None) -> None:
+            if item == "broken":
+                raise RuntimeError("a caller's bug")
+            reported[item] = (error, _jtis(store))
+            if len(reported) == 2:
+                all_done.set()
+
+        return done
+
+    with store.write():  # holds the writer: the three items meet in one batch
+        for item in ("broken", "a", "bad"):
+            group.submit(item, done_for(item))
+    assert all_done.wait(10)
+    error, visible = reported["a"]
+    assert error is None and visible == ["a", "broken"]
+    assert isinstance(reported["bad"][0], InvalidRequest)
+    group.close()
+    with pytest.raises(AuditUnavailable, match="shutting down"):
+        group.submit("late", done_for("late"))
