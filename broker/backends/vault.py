@@ -32,6 +32,8 @@ from typing import Any, Protocol, TypeVar
 
 import hvac
 import hvac.exceptions
+import requests
+import requests.adapters
 
 from broker.backends.base import TOKEN_TYPE_VAULT, Credential
 from broker.errors import AccessDenied, BackendUnavailable, ConfigError, InvalidRequest
@@ -44,6 +46,8 @@ BROKER_MARKER = "model-credential-broker"
 """The ``broker`` metadata value on every token the broker creates; ``list_live`` looks for it."""
 POLICY_PREFIX = "broker-"
 SUBJECT_METADATA_CHARS = 128
+MAX_CONNECTIONS = 64
+"""Keep-alive connections to Vault kept open (at least the API's exchange threads)."""
 """Vault keeps token metadata in every audit entry; a subject longer than this is cut."""
 
 # NOTE: no ``sudo`` (root-protected paths) and no ``deny``: a broker-issued token only ever gets
@@ -447,7 +451,9 @@ class VaultBackend:
         self._timeout = timeout
         self._verify = verify
         # NOTE: token="" (not None): hvac would otherwise pick up VAULT_TOKEN or ~/.vault-token.
-        self._client = hvac.Client(url=self.addr, token="", timeout=timeout, verify=verify)
+        self._client = hvac.Client(
+            url=self.addr, token="", timeout=timeout, verify=verify, session=_session()
+        )
         self._anonymous = self._as("")
         self._lock = threading.Lock()
         self._login: VaultLogin | None = None
@@ -826,6 +832,20 @@ def _check_rules_have_access(policy: LoadedPolicy, plan: VaultPlan) -> None:
                     "vault, but the vault backend has no capabilities for them; add them to "
                     "its action_access"
                 )
+
+
+def _session() -> requests.Session:
+    """The HTTP session every call to Vault shares. NOTE: ``trust_env`` off: no proxy, CA bundle
+    or ``.netrc`` credentials from the environment decide where the broker's Vault token goes
+    (and requests would re-read the environment on every call); ``verify`` is explicit. One
+    keep-alive connection per exchange thread: requests' default pool keeps 10, so busier
+    brokers opened a new connection for most calls."""
+    session = requests.Session()
+    session.trust_env = False
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_CONNECTIONS)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def _expiry(grant: Grant, requested: int, granted: int) -> dt.datetime:

@@ -14,7 +14,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, bindparam, delete, insert, or_, select, tuple_
+from sqlalchemy import (
+    Connection,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -58,6 +69,11 @@ _GRANTS, _USED_TOKENS = GrantRow.__table__, UsedTokenRow.__table__
 assert isinstance(_GRANTS, Table) and isinstance(_USED_TOKENS, Table)
 _INSERT_GRANT = insert(_GRANTS)
 _SPEND_TOKEN = insert(_USED_TOKENS)
+_ACTIVATE = (
+    update(_GRANTS)
+    .where(_GRANTS.c.id == bindparam("grant_id"), _GRANTS.c.status == str(GrantStatus.ISSUING))
+    .values(status=str(GrantStatus.ACTIVE), credential_ref=bindparam("ref"))
+)
 _SPENT_OF = select(_USED_TOKENS.c.issuer, _USED_TOKENS.c.jti).where(
     tuple_(_USED_TOKENS.c.issuer, _USED_TOKENS.c.jti).in_(bindparam("keys", expanding=True))
 )
@@ -93,11 +109,13 @@ class ExchangeResult:
 
 @dataclass(frozen=True, slots=True)
 class _ExchangeWrite:
-    """What one exchange writes: its event, the spent token and the grant (if any)."""
+    """What one group-commit step of an exchange writes: its event, the spent token, a new
+    grant row, and the activation of an ``issuing`` grant (``{"id", "credential_ref"}``)."""
 
-    event: NewEvent
+    event: NewEvent | None
     spend: dict[str, Any] | None = None
     grant: dict[str, Any] | None = None
+    activate: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -280,9 +298,9 @@ class GrantService:
         }
 
         def commit(session: Session, credential: Credential) -> None:
-            """What makes the grant active, in one transaction with its event."""
-            if approval_id is not None and binding is not None:
-                self.approvals.consume(session, approval_id, binding, grant.id)
+            """What makes an approved grant active, in one transaction with its event."""
+            assert approval_id is not None and binding is not None
+            self.approvals.consume(session, approval_id, binding, grant.id)
             self.audit.append(
                 session,
                 "exchange.allowed",
@@ -291,8 +309,13 @@ class GrantService:
                 grant_id=grant.id,
             )
 
+        def event(credential: Credential) -> NewEvent:
+            data = {**allowed, "credential_ref": credential.credential_ref}
+            return NewEvent("exchange.allowed", now, data, grant.id)
+
         if backend.external:
-            return self._issue_external(grant, identity, backend, attempt, commit)
+            approved = commit if approval_id is not None else None
+            return self._issue_external(grant, identity, backend, attempt, event, approved)
         credential = backend.issue(grant)
         row = _grant_values(grant, identity, credential.credential_ref, GrantStatus.ACTIVE)
         if approval_id is not None:
@@ -303,10 +326,7 @@ class GrantService:
                 commit(session, credential)
             return ExchangeResult(grant=grant, credential=credential)
         # The common case: committed together with the other exchanges waiting meanwhile.
-        event = {**allowed, "credential_ref": credential.credential_ref}
-        yield _ExchangeWrite(
-            NewEvent("exchange.allowed", now, event, grant.id), _spend(identity), row
-        )
+        yield _ExchangeWrite(event(credential), _spend(identity), row)
         return ExchangeResult(grant=grant, credential=credential)
 
     def _issue_external(
@@ -315,14 +335,17 @@ class GrantService:
         identity: WorkloadIdentity,
         backend: Backend,
         attempt: _Attempt,
-        commit: Callable[[Session, Credential], None],
+        event: Callable[[Credential], NewEvent],
+        approved: Callable[[Session, Credential], None] | None,
     ) -> ExchangeResult:
-        """``issuing`` row → backend → ``active``. NOTE: a crash between the backend and the
-        commit leaves an ``issuing`` row and a credential carrying the grant id: the reconciler
-        revokes it. Any failure marks the grant ``failed`` and revokes what was issued."""
-        with self.store.transaction() as conn:
-            self._consume(conn, identity)
-            conn.execute(_INSERT_GRANT, _grant_values(grant, identity, None, GrantStatus.ISSUING))
+        """``issuing`` row → backend → ``active``, both writes in group commits (or, with an
+        approval, the second in its own transaction with the approval's use). NOTE: this waits
+        for its commits in its own thread (it runs before the exchange's first yield), since
+        the backend call between them blocks. A crash between the backend and the commit leaves
+        an ``issuing`` row and a credential carrying the grant id: the reconciler revokes it.
+        Any failure marks the grant ``failed`` and revokes what was issued."""
+        issuing = _grant_values(grant, identity, None, GrantStatus.ISSUING)
+        self._writes.run(_ExchangeWrite(None, _spend(identity), issuing))
         attempt.spent = True
         try:
             credential = backend.issue(grant)
@@ -330,12 +353,18 @@ class GrantService:
             self._fail(grant.id, enqueue=False)
             raise
         try:
-            with self.store.write() as session:
-                row = session.get(GrantRow, grant.id, with_for_update=True)
-                assert row is not None
-                row.status = GrantStatus.ACTIVE
-                row.credential_ref = credential.credential_ref
-                commit(session, credential)
+            if approved is None:
+                ref = credential.credential_ref
+                activate = {"grant_id": grant.id, "ref": ref}
+                self._writes.run(_ExchangeWrite(event(credential), activate=activate))
+            else:
+                with self.store.write() as session:
+                    activated = session.connection().execute(
+                        _ACTIVATE, {"grant_id": grant.id, "ref": credential.credential_ref}
+                    )
+                    if activated.rowcount != 1:
+                        raise Conflict(f"grant {grant.id} is no longer issuing")
+                    approved(session, credential)
         except BrokerError:
             self._fail(grant.id, enqueue=True, credential_ref=credential.credential_ref)
             raise
@@ -413,8 +442,9 @@ class GrantService:
                 if key in spent:
                     outcomes[i] = _replayed(write.spend)
                 spent.add(key)
-        live = [i for i, error in enumerate(outcomes) if error is None]
-        appended, frontier = self.audit.append_batch(conn, [writes[i].event for i in live])
+        live = [i for i, w in enumerate(writes) if outcomes[i] is None and w.event is not None]
+        events = [w.event for w in (writes[i] for i in live) if w.event is not None]
+        appended, frontier = self.audit.append_batch(conn, events)
         for i, result in zip(live, appended, strict=True):
             if isinstance(result, ValueError):
                 outcomes[i] = result
@@ -425,6 +455,11 @@ class GrantService:
             conn.execute(_SPEND_TOKEN, tokens)
         if grants:
             conn.execute(_INSERT_GRANT, grants)
+        for w in done:
+            if w.activate is not None and conn.execute(_ACTIVATE, w.activate).rowcount != 1:
+                # NOTE: its event is in this batch already; fail the batch closed. Maintenance
+                # settles a grant only after it was stuck ``issuing`` for STUCK_ISSUING_S.
+                raise Conflict(f"grant {w.activate['grant_id']} is no longer issuing")
         if frontier is None:
             return outcomes, None
         return outcomes, lambda: self.audit.committed(frontier)

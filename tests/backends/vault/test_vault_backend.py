@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hvac.exceptions import Forbidden, InvalidRequest
@@ -100,6 +101,29 @@ def test_vault_audit_log_attributes_the_token_to_its_grant(
     assert auth["metadata"]["broker"] == BROKER_MARKER
     assert auth["accessor"] == cred.credential_ref
     assert cred.access_token not in vault.server.audit_log.read_text()
+
+
+def test_the_environment_does_not_redirect_calls_to_vault(
+    vault: VaultSetup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The broker's Vault token goes to VAULT_ADDR only: no proxy and no .netrc from the
+    environment (a dead proxy here would fail every call)."""
+    dead = f"http://127.0.0.1:{free_port_pair()}"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password not-the-broker\n")
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, dead)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("NETRC", str(netrc))
+    backend = vault.backend()
+    try:
+        grant = make_grant()
+        cred = backend.issue(grant)
+        assert token_works(vault, cred.access_token)
+        assert backend.revoke(grant, cred.credential_ref) is True
+    finally:
+        backend.close()
 
 
 def test_revoke_stops_the_token_and_is_idempotent(vault: VaultSetup, backend: VaultBackend) -> None:

@@ -17,11 +17,13 @@ from hvac.exceptions import Forbidden
 from sqlalchemy import select
 
 from broker.api.app import create_app
+from broker.backends.base import Credential
+from broker.grants.model import Grant
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
-from broker.store.tables import GrantRow
+from broker.store.tables import EventRow, GrantRow
 from tests.backends.vault.conftest import VaultSetup
-from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form, person_token
+from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form, person_token, post_concurrently
 from tests.servers import Postgres, free_port_pair
 
 pytestmark = pytest.mark.integration
@@ -250,3 +252,73 @@ def test_expired_grants_are_revoked_at_vault_by_the_sweeper(
     broker.grants.revocations.process()
     assert not token_alive(vault, token)  # Vault's TTL is the first line; the sweeper the second
     assert broker.grants.get(str(issued["grant_id"])).backend_revocation == "confirmed"
+
+
+def _grant_rows(broker: Broker) -> list[GrantRow]:
+    with broker.store.read() as s:
+        return list(s.scalars(select(GrantRow)))
+
+
+def test_concurrent_vault_exchanges_commit_in_groups_and_stay_exact(
+    served: tuple[TestClient, Broker], vault: VaultSetup, database: Postgres
+) -> None:
+    """Both writes of a Vault exchange (the ``issuing`` row with the spent jti, then ``active``
+    with its event) go through group commits shared with other exchanges."""
+    client, broker = served
+    assert broker.dev_issuer is not None
+    mint = lambda: broker.dev_issuer.mint(  # noqa: E731
+        sub=EVAL_SUB, claims={"job_workflow_ref": EVAL_WORKFLOW}
+    )
+    replayed = mint()
+    forms = [exchange_form(mint(), requested_token_type=VAULT) for _ in range(6)]
+    forms += [exchange_form(replayed, requested_token_type=VAULT) for _ in range(3)]
+    results = post_concurrently(client, forms)
+    assert [status for status, _ in results[:6]] == [200] * 6, results
+    assert sorted(status for status, _ in results[6:]) == [200, 400, 400]
+    issued = [json.loads(body) for status, body in results if status == 200]
+    assert all(database.login_works(b["username"], b["access_token"]) for b in issued)
+    rows = {r.id: r for r in _grant_rows(broker)}
+    assert {b["grant_id"] for b in issued} == set(rows)
+    assert all(r.status == "active" and r.credential_ref for r in rows.values())
+    with broker.store.read() as s:
+        bodies = [json.loads(r.body) for r in s.scalars(select(EventRow).order_by(EventRow.idx))]
+    assert [e["idx"] for e in bodies] == list(range(len(bodies)))
+    allowed = [e for e in bodies if e["type"] == "exchange.allowed"]
+    assert sorted(e["grant_id"] for e in allowed) == sorted(rows)
+    assert [e["credential_ref"] for e in allowed] == [
+        rows[e["grant_id"]].credential_ref for e in allowed
+    ]
+    assert sum(e["type"] == "exchange.denied" for e in bodies) == 2
+
+
+def test_a_grant_settled_while_vault_issued_is_not_reactivated(
+    served: tuple[TestClient, Broker],
+    vault: VaultSetup,
+    database: Postgres,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should maintenance settle an ``issuing`` grant as failed while its backend call is under
+    way, the exchange must not make it active again: 503, no credential, and the login is
+    revoked at Vault."""
+    client, broker = served
+    assert broker.dev_issuer is not None
+    backend = broker.grants.backends.for_token_type(VAULT)
+    issue = backend.issue
+    logins: list[Credential] = []
+
+    def issue_then_settle(grant: Grant) -> Credential:
+        credential = issue(grant)
+        logins.append(credential)
+        assert broker.grants.revocations.settle_stuck(older_than_s=0) == 1
+        return credential
+
+    monkeypatch.setattr(backend, "issue", issue_then_settle)
+    workload = broker.dev_issuer.mint(sub=EVAL_SUB, claims={"job_workflow_ref": EVAL_WORKFLOW})
+    resp = client.post("/v1/token", data=exchange_form(workload, requested_token_type=VAULT))
+    assert resp.status_code == 503, resp.text
+    assert "access_token" not in resp.text
+    [row] = _grant_rows(broker)
+    assert row.status == "failed"
+    broker.grants.revocations.process([row.id])
+    [login] = logins
+    assert not database.login_works(str(login.extra["username"]), login.access_token)
