@@ -110,7 +110,8 @@ class ExchangeResult:
 @dataclass(frozen=True, slots=True)
 class _ExchangeWrite:
     """What one group-commit step of an exchange writes: its event, the spent token, a new
-    grant row, and the activation of an ``issuing`` grant (``{"id", "credential_ref"}``)."""
+    grant row, and the activation of an ``issuing`` grant (``{"grant_id", "ref"}`` for
+    ``_ACTIVATE``)."""
 
     event: NewEvent | None
     spend: dict[str, Any] | None = None
