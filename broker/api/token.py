@@ -259,13 +259,11 @@ class TokenEndpoint:
             req = exchange_fields(await read_form(Request(scope, receive)))
             result = await exchange(self.broker.grants, req, self.pool)
         except BrokerError as exc:
-            metrics.exchanges.labels(exc.code).inc()
-            metrics.latency.observe(time.perf_counter() - started)
-            response = JSONResponse(exc.to_wire(), exc.status, NO_STORE)
+            outcome, response = exc.code, JSONResponse(exc.to_wire(), exc.status, NO_STORE)
         else:
-            metrics.exchanges.labels("issued").inc()
-            metrics.latency.observe(time.perf_counter() - started)
-            response = JSONResponse(_answer(result), 200, NO_STORE)
+            outcome, response = "issued", JSONResponse(_answer(result), 200, NO_STORE)
+        metrics.exchanges.labels(outcome).inc()
+        metrics.latency.observe(time.perf_counter() - started)
         await response(scope, receive, send)
 
 

@@ -110,8 +110,7 @@ class ExchangeResult:
 @dataclass(frozen=True, slots=True)
 class _ExchangeWrite:
     """What one group-commit step of an exchange writes: its event, the spent token, a new
-    grant row, and the activation of an ``issuing`` grant (``{"grant_id", "ref"}`` for
-    ``_ACTIVATE``)."""
+    grant row, and the activation of an ``issuing`` grant (see :func:`_activate`)."""
 
     event: NewEvent | None
     spend: dict[str, Any] | None = None
@@ -353,18 +352,13 @@ class GrantService:
         except BrokerError:
             self._fail(grant.id, enqueue=False)
             raise
+        activate = {"grant_id": grant.id, "ref": credential.credential_ref}
         try:
             if approved is None:
-                ref = credential.credential_ref
-                activate = {"grant_id": grant.id, "ref": ref}
                 self._writes.run(_ExchangeWrite(event(credential), activate=activate))
             else:
                 with self.store.write() as session:
-                    activated = session.connection().execute(
-                        _ACTIVATE, {"grant_id": grant.id, "ref": credential.credential_ref}
-                    )
-                    if activated.rowcount != 1:
-                        raise Conflict(f"grant {grant.id} is no longer issuing")
+                    _activate(session.connection(), activate)
                     approved(session, credential)
         except BrokerError:
             self._fail(grant.id, enqueue=True, credential_ref=credential.credential_ref)
@@ -443,10 +437,13 @@ class GrantService:
                 if key in spent:
                     outcomes[i] = _replayed(write.spend)
                 spent.add(key)
-        live = [i for i, w in enumerate(writes) if outcomes[i] is None and w.event is not None]
-        events = [w.event for w in (writes[i] for i in live) if w.event is not None]
-        appended, frontier = self.audit.append_batch(conn, events)
-        for i, result in zip(live, appended, strict=True):
+        logged = [
+            (i, w.event)
+            for i, w in enumerate(writes)
+            if outcomes[i] is None and w.event is not None
+        ]
+        appended, frontier = self.audit.append_batch(conn, [event for _, event in logged])
+        for (i, _), result in zip(logged, appended, strict=True):
             if isinstance(result, ValueError):
                 outcomes[i] = result
         done = [w for w, error in zip(writes, outcomes, strict=True) if error is None]
@@ -457,10 +454,11 @@ class GrantService:
         if grants:
             conn.execute(_INSERT_GRANT, grants)
         for w in done:
-            if w.activate is not None and conn.execute(_ACTIVATE, w.activate).rowcount != 1:
-                # NOTE: its event is in this batch already; fail the batch closed. Maintenance
-                # settles a grant only after it was stuck ``issuing`` for STUCK_ISSUING_S.
-                raise Conflict(f"grant {w.activate['grant_id']} is no longer issuing")
+            if w.activate is not None:
+                # NOTE: its event is in this batch already, so a grant that is no longer
+                # ``issuing`` fails the batch closed. Maintenance settles a grant only after it
+                # was stuck ``issuing`` for STUCK_ISSUING_S.
+                _activate(conn, w.activate)
         if frontier is None:
             return outcomes, None
         return outcomes, lambda: self.audit.committed(frontier)
@@ -696,6 +694,13 @@ def _spend(identity: WorkloadIdentity) -> dict[str, Any] | None:
         return None
     expires = dt.datetime.fromtimestamp(identity.expires_at, dt.UTC)
     return {"issuer": identity.issuer_name, "jti": identity.jti, "expires_at": expires}
+
+
+def _activate(conn: Connection, activate: dict[str, Any]) -> None:
+    """Make an ``issuing`` grant ``active`` with its credential_ref (``{"grant_id", "ref"}``).
+    Raises Conflict when it is no longer ``issuing``: a grant is never re-activated."""
+    if conn.execute(_ACTIVATE, activate).rowcount != 1:
+        raise Conflict(f"grant {activate['grant_id']} is no longer issuing")
 
 
 def _replayed(spend: dict[str, Any]) -> TokenReplayed:
