@@ -12,6 +12,7 @@ import pwd
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,9 @@ class OpenBao:
     url: str
     root: hvac.Client
     audit_log: Path
+    pid: int
+    ca: Path | None = None
+    """The CA certificate of a TLS server (``run_openbao(tls=True)``)."""
 
     def client(self, token: str = "") -> hvac.Client:
         return hvac.Client(url=self.url, token=token, session=self.root.session)
@@ -110,12 +114,24 @@ def _audit_config(audit_log: Path) -> str:
     )
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, secret: str) -> None:
+def _wait_healthy(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    log: Path,
+    secret: str,
+    status: int = 200,
+    ca: Path | None = None,
+) -> None:
+    """Until ``sys/health`` answers ``status`` (200: initialised, unsealed and active; 501: up,
+    not initialised). ``ca``: the server's CA, once it has written it."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    with httpx.Client(trust_env=False, timeout=1.0) as http:
+    while ca is not None and not ca.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
+    with httpx.Client(trust_env=False, timeout=1.0, verify=verify) as http:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                if http.get(f"{url}/v1/sys/health").status_code == 200:
+                if http.get(f"{url}/v1/sys/health").status_code == status:
                     return
             except httpx.TransportError:
                 pass
@@ -124,14 +140,29 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, secret: st
     raise RuntimeError(f"OpenBao at {url} did not become healthy; log tail:\n{tail}")
 
 
+def _pinned(command: list[str], cpus: set[int] | None) -> list[str]:
+    """``command`` confined to ``cpus`` (None: unchanged). NOTE: ``taskset`` (util-linux), not
+    a ``preexec_fn``, which is unsafe with threads; and Go sizes its scheduler from the CPUs it
+    may use at start, so pinning after the start would be too late."""
+    if cpus is None:
+        return command
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise RuntimeError("pinning OpenBao to CPUs needs taskset (util-linux)")
+    return [taskset, "--cpu-list", ",".join(map(str, sorted(cpus))), *command]
+
+
 @contextmanager
-def run_openbao(binary: Path, workdir: Path) -> Iterator[OpenBao]:
+def run_openbao(
+    binary: Path, workdir: Path, *, cpus: set[int] | None = None, tls: bool = False
+) -> Iterator[OpenBao]:
     """An OpenBao dev server on a free loopback port, with a file audit device from a config
-    file, and a root client for the test setup; stopped on exit."""
+    file, and a root client for the test setup; stopped on exit. With ``tls``, it serves HTTPS
+    with a certificate from its own CA, at ``OpenBao.ca``."""
     audit_log, config, log = workdir / "audit.log", workdir / "audit.hcl", workdir / "server.log"
     config.write_text(_audit_config(audit_log))
     port = free_port_pair()
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     root_token = secrets.token_urlsafe(24)
     command = [
         str(binary),
@@ -141,16 +172,70 @@ def run_openbao(binary: Path, workdir: Path) -> Iterator[OpenBao]:
         "-dev-no-store-token",  # otherwise it writes the root token to ~/.vault-token
         f"-config={config}",
     ]
+    ca: Path | None = None
+    if tls:
+        (workdir / "tls").mkdir()
+        command += ["-dev-tls", f"-dev-tls-cert-dir={workdir / 'tls'}"]
+        ca = workdir / "tls" / "vault-ca.pem"
     # The root token goes in the environment, not on the command line every local user can read.
     env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": root_token}
     env.pop("VAULT_TOKEN", None)
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+        proc = subprocess.Popen(
+            _pinned(command, cpus), stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
+        )
     try:
-        _wait_healthy(proc, url, log, root_token)
+        _wait_healthy(proc, url, log, root_token, ca=ca)
         with requests.Session() as session:
             session.trust_env = False  # loopback only: never through a proxy
-            yield OpenBao(url, hvac.Client(url=url, token=root_token, session=session), audit_log)
+            session.verify = str(ca) if ca else True
+            root = hvac.Client(url=url, token=root_token, session=session)
+            yield OpenBao(url, root, audit_log, proc.pid, ca)
+    finally:
+        stop_process(proc)
+
+
+@contextmanager
+def run_openbao_raft(
+    binary: Path, workdir: Path, *, cpus: set[int] | None = None
+) -> Iterator[OpenBao]:
+    """OpenBao as it is deployed, not in dev mode: integrated storage (raft, fsynced to disk
+    under ``workdir``) and the same file audit device, on a free loopback port. It is
+    initialised here with a single key share and unsealed; the key and the root token stay in
+    this process. Stopped on exit."""
+    data, audit_log = workdir / "raft", workdir / "audit.log"
+    config, log = workdir / "openbao.hcl", workdir / "server.log"
+    data.mkdir()
+    port = free_port_pair()
+    url = f"http://127.0.0.1:{port}"
+    config.write_text(
+        f'storage "raft" {{\n  path    = {json.dumps(str(data))}\n  node_id = "test"\n'
+        "  performance_multiplier = 1\n}\n"
+        f'listener "tcp" {{\n  address         = "127.0.0.1:{port}"\n'
+        f'  cluster_address = "127.0.0.1:{port + 1}"\n  tls_disable     = true\n}}\n'
+        f'api_addr      = "{url}"\ncluster_addr  = "http://127.0.0.1:{port + 1}"\n'
+        "disable_mlock = true\n" + _audit_config(audit_log)
+    )
+    env = {**os.environ}
+    env.pop("VAULT_TOKEN", None)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            _pinned([str(binary), "server", f"-config={config}"], cpus),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
+    try:
+        _wait_healthy(proc, url, log, "", status=501)
+        with requests.Session() as session:
+            session.trust_env = False  # loopback only: never through a proxy
+            root = hvac.Client(url=url, token="", session=session)
+            init = root.sys.initialize(secret_shares=1, secret_threshold=1)
+            root.sys.submit_unseal_key(init["keys"][0])
+            root.token = init["root_token"]
+            _wait_healthy(proc, url, log, init["root_token"])
+            yield OpenBao(url, root, audit_log, proc.pid)
     finally:
         stop_process(proc)
 

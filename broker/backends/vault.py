@@ -32,10 +32,9 @@ from typing import Any, Protocol, TypeVar
 
 import hvac
 import hvac.exceptions
-import requests
-import requests.adapters
 
 from broker.backends.base import TOKEN_TYPE_VAULT, Credential
+from broker.backends.vault_http import VaultTransport, VaultUnreachable
 from broker.errors import AccessDenied, BackendUnavailable, ConfigError, InvalidRequest
 from broker.grants.model import Grant
 from broker.policy import LoadedPolicy
@@ -46,9 +45,9 @@ BROKER_MARKER = "model-credential-broker"
 """The ``broker`` metadata value on every token the broker creates; ``list_live`` looks for it."""
 POLICY_PREFIX = "broker-"
 SUBJECT_METADATA_CHARS = 128
+"""Vault keeps token metadata in every audit entry; a subject longer than this is cut."""
 MAX_CONNECTIONS = 64
 """Keep-alive connections to Vault kept open (at least the API's exchange threads)."""
-"""Vault keeps token metadata in every audit entry; a subject longer than this is cut."""
 
 # NOTE: no ``sudo`` (root-protected paths) and no ``deny``: a broker-issued token only ever gets
 # ordinary data capabilities. Listed in the order Vault's docs use, which is also render order.
@@ -452,7 +451,11 @@ class VaultBackend:
         self._verify = verify
         # NOTE: token="" (not None): hvac would otherwise pick up VAULT_TOKEN or ~/.vault-token.
         self._client = hvac.Client(
-            url=self.addr, token="", timeout=timeout, verify=verify, session=_session()
+            url=self.addr,
+            token="",
+            timeout=timeout,
+            verify=verify,
+            session=VaultTransport(verify, maxsize=MAX_CONNECTIONS),
         )
         self._anonymous = self._as("")
         self._lock = threading.Lock()
@@ -795,10 +798,10 @@ class VaultBackend:
             raise BackendUnavailable(
                 f"vault at {self.addr} could not {what} at {path}: {detail}", backend=self.name
             ) from None
-        except OSError as exc:  # requests' ConnectionError, Timeout... derive from OSError
+        except OSError as exc:  # VaultUnreachable, or reading the broker's JWT file
+            cause = str(exc) if isinstance(exc, VaultUnreachable) else type(exc).__name__
             raise BackendUnavailable(
-                f"vault at {self.addr} is unreachable: {type(exc).__name__} while trying to "
-                f"{what} at {path}",
+                f"vault at {self.addr} is unreachable: {cause} while trying to {what} at {path}",
                 backend=self.name,
             ) from None
 
@@ -832,20 +835,6 @@ def _check_rules_have_access(policy: LoadedPolicy, plan: VaultPlan) -> None:
                     "vault, but the vault backend has no capabilities for them; add them to "
                     "its action_access"
                 )
-
-
-def _session() -> requests.Session:
-    """The HTTP session every call to Vault shares. NOTE: ``trust_env`` off: no proxy, CA bundle
-    or ``.netrc`` credentials from the environment decide where the broker's Vault token goes
-    (and requests would re-read the environment on every call); ``verify`` is explicit. One
-    keep-alive connection per exchange thread: requests' default pool keeps 10, so busier
-    brokers opened a new connection for most calls."""
-    session = requests.Session()
-    session.trust_env = False
-    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_CONNECTIONS)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
 
 
 def _expiry(grant: Grant, requested: int, granted: int) -> dt.datetime:

@@ -1,0 +1,62 @@
+"""The vault backend against OpenBao as it is deployed: not in dev mode, but with integrated
+storage (raft) on disk, initialised and unsealed, and a file audit device. The other vault tests
+use the dev server; this one shows that nothing the backend does depends on dev mode, and it is
+the server `bench/bench_vault.py` measures against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hvac.exceptions import Forbidden
+
+from broker.backends.vault import BROKER_MARKER, StaticToken, VaultBackend, plan_vault
+from tests.backends.vault.conftest import EXAMPLE_CONFIG, apply_plan, example_policy, make_grant
+from tests.servers import OpenBao, bao_binary, run_openbao_raft
+
+pytestmark = pytest.mark.integration
+
+
+def _token_works(bao: OpenBao, token: str) -> bool:
+    try:
+        bao.client(token).auth.token.lookup_self()
+    except Forbidden:
+        return False
+    return True
+
+
+def test_issue_and_revoke_on_openbao_with_integrated_storage(tmp_path: Path) -> None:
+    binary = bao_binary()
+    if binary is None:
+        pytest.skip("OpenBao's `bao` binary is neither next to sys.executable nor on PATH")
+    with run_openbao_raft(binary, tmp_path) as bao:
+        assert bao.root.sys.read_health_status(method="GET")["sealed"] is False
+        assert (tmp_path / "raft" / "raft" / "raft.db").is_file(), "storage is not on disk"
+        policy = example_policy()
+        plan = plan_vault(policy.policy, EXAMPLE_CONFIG)
+        apply_plan(bao.root, plan)
+        broker_token = bao.root.auth.token.create(
+            policies=[plan.broker_policy_name], no_default_policy=True, no_parent=True, ttl="10m"
+        )["auth"]["client_token"]
+        backend = VaultBackend(bao.url, StaticToken(broker_token), policy, config=plan.config)
+        try:
+            grant = make_grant()
+            cred = backend.issue(grant)
+            info = bao.client(cred.access_token).auth.token.lookup_self()["data"]
+            assert info["accessor"] == cred.credential_ref
+            assert info["role"] == plan.token_role.name
+            assert info["meta"]["grant_id"] == grant.id
+            assert info["meta"]["broker"] == BROKER_MARKER
+            created = [  # what Vault's own audit log says it handed out
+                e["response"]["auth"]
+                for e in bao.audit_entries()
+                if e["type"] == "response"
+                and e["request"]["path"] == f"auth/token/create/{plan.token_role.name}"
+            ]
+            assert [a["accessor"] for a in created] == [cred.credential_ref]
+            assert created[0]["metadata"]["grant_id"] == grant.id
+
+            assert backend.revoke(grant, cred.credential_ref) is True
+            assert not _token_works(bao, cred.access_token)
+        finally:
+            backend.close()
