@@ -85,8 +85,14 @@ class VaultTransport:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         allow_redirects: bool = True,
-        **_ignored: Any,  # cert, verify, proxies: fixed at construction
+        cert: object = None,
+        verify: object = None,
+        proxies: object = None,
     ) -> VaultResponse:
+        """One call. ``cert``, ``verify`` and ``proxies`` (hvac passes them on every call) were
+        fixed at construction; any other keyword (``data``, ``files``...) is a TypeError, never
+        a body silently dropped. NOTE: ``json`` is hvac's name for the body, so the module is
+        reached through :func:`_dumps`."""
         sent = dict(headers or {})
         body = None
         if json is not None:
