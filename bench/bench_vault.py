@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from broker.backends.vault import plan_vault, vault_config  # noqa: E402
 from broker.policy import load_policy  # noqa: E402
 from broker.settings import EXAMPLE_POLICY  # noqa: E402
-from tests.backends.vault.conftest import apply_plan  # noqa: E402
+from tests.backends.vault.conftest import apply_plan, broker_token  # noqa: E402
 from tests.servers import OpenBao, bao_binary, run_openbao, run_openbao_raft  # noqa: E402
 
 
@@ -178,13 +178,7 @@ def main() -> int:
                 loaded = load_policy(policy_file, dev_mode=True)
                 plan = plan_vault(loaded.policy, vault_config(loaded.policy))
                 apply_plan(bao.root, plan)
-                created = bao.root.auth.token.create(
-                    policies=[plan.broker_policy_name],
-                    no_default_policy=True,
-                    no_parent=True,
-                    ttl="2h",
-                )
-                token = created["auth"]["client_token"]
+                token = broker_token(bao.root, plan, 7200)
                 role = plan.token_role.name
                 before = cpu_seconds(bao.pid)
                 alone, took = openbao_alone(bao.url, token, role, args.requests, args.concurrency)

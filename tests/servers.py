@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import hvac
+import hvac.exceptions
 import requests
 
 START_TIMEOUT_S = 20.0
@@ -84,6 +85,14 @@ class OpenBao:
     def client(self, token: str = "") -> hvac.Client:
         return hvac.Client(url=self.url, token=token, session=self.root.session)
 
+    def token_works(self, token: str) -> bool:
+        """Whether the server still accepts ``token`` (its own lookup is refused once revoked)."""
+        try:
+            self.client(token).auth.token.lookup_self()
+        except hvac.exceptions.Forbidden:
+            return False
+        return True
+
     def audit_entries(self) -> list[dict[str, Any]]:
         lines = self.audit_log.read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
@@ -140,6 +149,19 @@ def _wait_healthy(
     raise RuntimeError(f"OpenBao at {url} did not become healthy; log tail:\n{tail}")
 
 
+def _spawn(
+    command: list[str], cpus: set[int] | None, log: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """``command`` with output to ``log``, confined to ``cpus``, the environment plus ``env``
+    and never the caller's ``VAULT_TOKEN``."""
+    full = {**os.environ, **env}
+    full.pop("VAULT_TOKEN", None)
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            _pinned(command, cpus), stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=full
+        )
+
+
 def _pinned(command: list[str], cpus: set[int] | None) -> list[str]:
     """``command`` confined to ``cpus`` (None: unchanged). NOTE: ``taskset`` (util-linux), not
     a ``preexec_fn``, which is unsafe with threads; and Go sizes its scheduler from the CPUs it
@@ -178,12 +200,7 @@ def run_openbao(
         command += ["-dev-tls", f"-dev-tls-cert-dir={workdir / 'tls'}"]
         ca = workdir / "tls" / "vault-ca.pem"
     # The root token goes in the environment, not on the command line every local user can read.
-    env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": root_token}
-    env.pop("VAULT_TOKEN", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            _pinned(command, cpus), stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
-        )
+    proc = _spawn(command, cpus, log, {"BAO_DEV_ROOT_TOKEN_ID": root_token})
     try:
         _wait_healthy(proc, url, log, root_token, ca=ca)
         with requests.Session() as session:
@@ -216,16 +233,7 @@ def run_openbao_raft(
         f'api_addr      = "{url}"\ncluster_addr  = "http://127.0.0.1:{port + 1}"\n'
         "disable_mlock = true\n" + _audit_config(audit_log)
     )
-    env = {**os.environ}
-    env.pop("VAULT_TOKEN", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            _pinned([str(binary), "server", f"-config={config}"], cpus),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env=env,
-        )
+    proc = _spawn([str(binary), "server", f"-config={config}"], cpus, log, {})
     try:
         _wait_healthy(proc, url, log, "", status=501)
         with requests.Session() as session:

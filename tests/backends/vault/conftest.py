@@ -120,6 +120,18 @@ def apply_plan(root: hvac.Client, plan: VaultPlan) -> None:
     )
 
 
+def broker_token(root: hvac.Client, plan: VaultPlan, ttl: int) -> str:
+    """The broker's own token: only its policy, no default policy, short-lived, an orphan."""
+    created = root.auth.token.create(
+        policies=[plan.broker_policy_name],
+        no_default_policy=True,
+        no_parent=True,
+        ttl=f"{ttl}s",
+        display_name="model-credential-broker",
+    )
+    return str(created["auth"]["client_token"])
+
+
 def enable_broker_jwt_login(
     root: hvac.Client, plan: VaultPlan, key: ec.EllipticCurvePrivateKey
 ) -> None:
@@ -154,15 +166,8 @@ def vault(openbao: OpenBao) -> VaultSetup:
     apply_plan(openbao.root, plan)
     key = ec.generate_private_key(ec.SECP256R1())
     enable_broker_jwt_login(openbao.root, plan, key)
-    # The broker's own token: only its policy, no default policy, short-lived, an orphan.
-    created = openbao.root.auth.token.create(
-        policies=[plan.broker_policy_name],
-        no_default_policy=True,
-        no_parent=True,
-        ttl=f"{plan.config.broker_token_ttl}s",
-        display_name="model-credential-broker",
-    )
-    return VaultSetup(openbao, policy, plan, created["auth"]["client_token"], key)
+    token = broker_token(openbao.root, plan, plan.config.broker_token_ttl)
+    return VaultSetup(openbao, policy, plan, token, key)
 
 
 @pytest.fixture(scope="session")

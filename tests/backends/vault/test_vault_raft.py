@@ -8,21 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hvac.exceptions import Forbidden
 
 from broker.backends.vault import BROKER_MARKER, StaticToken, VaultBackend, plan_vault
-from tests.backends.vault.conftest import EXAMPLE_CONFIG, apply_plan, example_policy, make_grant
-from tests.servers import OpenBao, bao_binary, run_openbao_raft
+from tests.backends.vault.conftest import (
+    EXAMPLE_CONFIG,
+    apply_plan,
+    broker_token,
+    example_policy,
+    make_grant,
+)
+from tests.servers import bao_binary, run_openbao_raft
 
 pytestmark = pytest.mark.integration
-
-
-def _token_works(bao: OpenBao, token: str) -> bool:
-    try:
-        bao.client(token).auth.token.lookup_self()
-    except Forbidden:
-        return False
-    return True
 
 
 def test_issue_and_revoke_on_openbao_with_integrated_storage(tmp_path: Path) -> None:
@@ -35,10 +32,8 @@ def test_issue_and_revoke_on_openbao_with_integrated_storage(tmp_path: Path) -> 
         policy = example_policy()
         plan = plan_vault(policy.policy, EXAMPLE_CONFIG)
         apply_plan(bao.root, plan)
-        broker_token = bao.root.auth.token.create(
-            policies=[plan.broker_policy_name], no_default_policy=True, no_parent=True, ttl="10m"
-        )["auth"]["client_token"]
-        backend = VaultBackend(bao.url, StaticToken(broker_token), policy, config=plan.config)
+        token = broker_token(bao.root, plan, 600)
+        backend = VaultBackend(bao.url, StaticToken(token), policy, config=plan.config)
         try:
             grant = make_grant()
             cred = backend.issue(grant)
@@ -57,6 +52,6 @@ def test_issue_and_revoke_on_openbao_with_integrated_storage(tmp_path: Path) -> 
             assert created[0]["metadata"]["grant_id"] == grant.id
 
             assert backend.revoke(grant, cred.credential_ref) is True
-            assert not _token_works(bao, cred.access_token)
+            assert not bao.token_works(cred.access_token)
         finally:
             backend.close()
