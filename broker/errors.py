@@ -10,22 +10,55 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+MAX_DESCRIPTION_CHARS = 4096
+"""A net under the caps where caller input is quoted (broker.bounds): no description is longer."""
+
+
+def _net(text: str) -> str:
+    if len(text) <= MAX_DESCRIPTION_CHARS:
+        return text
+    return text[:MAX_DESCRIPTION_CHARS] + f"…[{len(text)} characters]"
+
 
 class BrokerError(Exception):
-    """Base of every deliberate broker error."""
+    """Base of every deliberate broker error.
+
+    ``description`` is what any caller may read. ``detail`` (default: the description) is the
+    full explanation, which may name what the policy expects; it goes to the audit log, to
+    admins, and to callers only where the broker discloses it (``to_wire(disclose=True)``, in
+    dev mode or with the policy's ``explain_denials``), together with ``disclosed`` fields.
+    ``attributed`` says the caller's identity token verified: the refusal is one an audit event
+    records one by one, never one that an unverified caller's rate limit counts."""
 
     code: ClassVar[str] = "server_error"
     status: ClassVar[int] = 500
 
-    def __init__(self, description: str, **fields: Any) -> None:
+    def __init__(
+        self,
+        description: str,
+        *,
+        detail: str | None = None,
+        disclosed: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> None:
+        description = _net(description)
         super().__init__(description)
         self.description = description
+        self.detail = description if detail is None else _net(detail)
+        self.disclosed = disclosed or {}
         self.fields = fields
+        self.attributed = False
+        self.reason = self.code
+        """The class of the refusal, for counting (the verifier refines it: ``malformed``,
+        ``untrusted_issuer``, ``bad_signature``, ``bad_claims``, ``bad_time``)."""
 
-    def to_wire(self) -> dict[str, Any]:
-        """The JSON body the API returns for this error."""
-        body: dict[str, Any] = {"error": self.code, "error_description": self.description}
+    def to_wire(self, *, disclose: bool = False) -> dict[str, Any]:
+        """The JSON body the API returns for this error; ``disclose`` adds the full detail."""
+        text = self.detail if disclose else self.description
+        body: dict[str, Any] = {"error": self.code, "error_description": text}
         body.update({k: v for k, v in self.fields.items() if v is not None})
+        if disclose:
+            body.update(self.disclosed)
         return body
 
 
@@ -111,6 +144,23 @@ class BackendUnavailable(TemporarilyUnavailable):
 
 class AuditUnavailable(TemporarilyUnavailable):
     """The store or audit log could not record the event, so nothing is issued."""
+
+
+class ExchangeFailed(TemporarilyUnavailable):
+    """An unexpected error (a bug) ended an exchange: it was refused and recorded, and nothing
+    was issued (fail closed)."""
+
+
+class RateLimited(BrokerError):
+    """This client address has spent its budget of unverifiable attempts; ``retry_after`` is in
+    seconds."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, description: str, *, retry_after: int) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after
 
 
 # --- admin API -----------------------------------------------------------------------------------

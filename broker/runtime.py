@@ -21,6 +21,7 @@ from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
 from broker.dev.issuer import DevIssuer
 from broker.errors import BackendUnavailable, ConfigError
+from broker.grants.refusals import RefusalBudget
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
@@ -68,6 +69,7 @@ class Broker:
     approvals: ApprovalService
     notifier: WebhookNotifier | None
     dev_issuer: DevIssuer | None
+    refusals: RefusalBudget
     _stop: threading.Event = field(default_factory=threading.Event)
     _last_reconcile: float = 0.0
     _worker: threading.Thread | None = None
@@ -93,8 +95,24 @@ class Broker:
             for item in revocations.reconcile(min_age_s=STUCK_ISSUING_S):
                 log.warning("reconciler revoked an orphan credential: %s", item)
             revocations.prune()
+        self.record_refusals()
         with self.store.write() as session:
             self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+
+    def record_refusals(self) -> None:
+        """Write the summaries of refusals no event recorded one by one (see
+        :mod:`broker.grants.refusals`); kept for the next round if the store fails."""
+        summaries = self.refusals.drain()
+        if not summaries:
+            return
+        try:
+            with self.store.write() as session:
+                now = dt.datetime.now(dt.UTC)
+                for summary in summaries:
+                    self.audit.append(session, "refusals.summary", now, summary)
+        except Exception:
+            self.refusals.restore(summaries)
+            raise
 
     def start_maintenance(self) -> None:
         """Run :meth:`maintain` every ``checkpoint_interval`` seconds in a daemon thread, so a
@@ -115,6 +133,10 @@ class Broker:
         if self._worker is not None:
             self._worker.join(timeout=10)
         self.grants.close()
+        try:
+            self.record_refusals()
+        except Exception:
+            log.exception("could not record the last refusal summaries")
         if self.notifier is not None:
             self.notifier.close()
         for backend in self.grants.backends.all():
@@ -218,6 +240,9 @@ def build_broker(settings: Settings) -> Broker:
         backends=backends,
         audit=audit,
         approvals=approvals,
+        explain_denials=settings.dev
+        if policy.policy.explain_denials is None
+        else policy.policy.explain_denials,
     )
     with store.write() as session:
         audit.append(
@@ -244,4 +269,5 @@ def build_broker(settings: Settings) -> Broker:
         approvals=approvals,
         notifier=notifier,
         dev_issuer=dev_issuer,
+        refusals=RefusalBudget(burst=settings.refusal_burst, rate=settings.refusal_rate),
     )

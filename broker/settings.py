@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     """Seconds between reconciler runs (backend credentials without an active grant)."""
     checkpoint_interval: float = Field(default=60.0, gt=0)
     """Seconds between maintenance rounds: expiry sweep and a new checkpoint if the log grew."""
+    refusal_burst: int = Field(default=100, ge=1)
+    """Unverifiable attempts a client address may make at once (docs/security.md)..."""
+    refusal_rate: float = Field(default=10.0, gt=0)
+    """...and per second after that, before it is answered 429."""
+    trusted_proxies: str = ""
+    """Addresses or networks (comma-separated) whose X-Forwarded-For names the client."""
 
     def resolved(self) -> Settings:
         """Fill derived defaults and refuse unsafe combinations. Raises ConfigError."""

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from broker.api import admin, approvals, audit, dev, public, token
+from broker.api.clients import ClientAddresses, parse_networks
 from broker.errors import BrokerError, Unauthenticated
 from broker.runtime import Broker, build_broker
 from broker.settings import Settings
@@ -21,7 +22,7 @@ def _error_response(exc: BrokerError) -> JSONResponse:
     headers = {"Cache-Control": "no-store"}
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
-    return JSONResponse(exc.to_wire(), status_code=exc.status, headers=headers)
+    return token.error_response(exc, headers)
 
 
 async def _broker_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -71,7 +72,10 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.broker = instance
     app.add_exception_handler(BrokerError, _broker_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(token.TokenEndpoint, broker=instance, pool=exchanges)
+    app.state.clients = ClientAddresses(parse_networks(instance.settings.trusted_proxies))
+    app.add_middleware(
+        token.TokenEndpoint, broker=instance, pool=exchanges, clients=app.state.clients
+    )
     app.include_router(token.router)
     app.include_router(admin.router)
     app.include_router(audit.router)

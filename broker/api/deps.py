@@ -28,10 +28,20 @@ def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated(
+        error = Unauthenticated(
             "missing bearer token: send 'Authorization: Bearer <your OIDC token>'"
         )
+        error.reason = "no_bearer"
+        raise error
     return token.strip()
+
+
+def _rejected(exc: IdentityRejected) -> Unauthenticated:
+    """The 401 for a bearer token the verifier rejected, keeping the rejection's class."""
+    error = Unauthenticated(f"bearer token rejected: {exc.description}")
+    # The verifier names the class of what it rejected; what it never saw is malformed.
+    error.reason = "malformed" if exc.reason == exc.code else exc.reason
+    return error
 
 
 def _bearer(request: Request, verify: Callable[[str], T]) -> T:
@@ -39,7 +49,7 @@ def _bearer(request: Request, verify: Callable[[str], T]) -> T:
     try:
         return verify(bearer_token(request))
     except IdentityRejected as exc:
-        raise Unauthenticated(f"bearer token rejected: {exc.description}") from None
+        raise _rejected(exc) from None
 
 
 def authenticate_person(request: Request, broker: BrokerDep) -> Person:
@@ -61,18 +71,19 @@ WorkloadDep = Annotated[WorkloadIdentity, Depends(authenticate_workload)]
 def authenticate_any(request: Request, broker: BrokerDep) -> Person | WorkloadIdentity:
     """A person or a workload from any configured issuer (introspection callers)."""
     token = bearer_token(request)
-    if len(token) > MAX_TOKEN_BYTES:
-        raise Unauthenticated(f"bearer token rejected: larger than {MAX_TOKEN_BYTES} bytes")
     try:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise IdentityRejected(f"larger than {MAX_TOKEN_BYTES} bytes")
         # Routing only: the unverified iss picks which verification to run, never what passes.
         iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
         issuer = broker.policy.policy.issuer_by_url(iss) if isinstance(iss, str) else None
         if issuer is not None and issuer.kind == "people":
             return broker.verifier.verify_person(token)
         return broker.verifier.verify_workload(token)
-    except (IdentityRejected, jwt.InvalidTokenError) as exc:
-        text = exc.description if isinstance(exc, IdentityRejected) else "not a JWT"
-        raise Unauthenticated(f"bearer token rejected: {text}") from None
+    except IdentityRejected as exc:
+        raise _rejected(exc) from None
+    except jwt.InvalidTokenError:
+        raise _rejected(IdentityRejected("not a JWT")) from None
 
 
 def require_role(person: Person, *roles: str) -> None:

@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import Executor
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from broker.api.clients import ClientAddresses
 from broker.api.deps import BrokerDep, authenticate_any
 from broker.backends.base import TOKEN_TYPE_JWT
+from broker.bounds import ascii_int, capped, shown
 from broker.errors import (
     AuditUnavailable,
     BrokerError,
+    ExchangeFailed,
     InvalidRequest,
     InvalidScope,
     InvalidTarget,
+    RateLimited,
+    Unauthenticated,
     UnsupportedGrantType,
 )
 from broker.grants.introspection import introspect
+from broker.grants.refusals import RefusalBudget
 from broker.grants.service import ExchangeRequest, ExchangeResult, GrantService
 from broker.runtime import Broker
 from broker.store.db import Finished, advance
 
 router = APIRouter()
+log = logging.getLogger("broker.api")
 
 PATH = "/v1/token"
+INTROSPECT_PATH = "/v1/introspect"
 EXCHANGE_THREADS = 40
 """Exchanges in their blocking part at once (as many as anyio's default for FastAPI): their
 writes wait for the group commit together, so fewer threads make smaller batches."""
@@ -84,11 +93,14 @@ def parse_exchange(
     if not grant_type:
         raise InvalidRequest("grant_type is required")
     if grant_type != GRANT_TYPE:
-        raise UnsupportedGrantType(f"grant_type: expected {GRANT_TYPE}, got {grant_type[:100]!r}")
+        raise UnsupportedGrantType(f"grant_type: expected {GRANT_TYPE}, got {shown(grant_type)}")
+    # NOTE: a token read from a file keeps its trailing newline (`broker dev token > f`); no JWT
+    # contains whitespace, so stripping it loses nothing.
+    subject_token = (subject_token or "").strip()
     if not subject_token:
         raise InvalidRequest("subject_token is required")
     if subject_token_type not in SUBJECT_TOKEN_TYPES:
-        got = "nothing" if subject_token_type is None else repr(subject_token_type[:100])
+        got = "nothing" if subject_token_type is None else shown(subject_token_type)
         raise InvalidRequest(
             f"subject_token_type: expected one of {sorted(SUBJECT_TOKEN_TYPES)}, got {got}"
         )
@@ -100,11 +112,7 @@ def parse_exchange(
     actions = (scope or "").split()
     if len(actions) != 1:
         raise InvalidScope(f"scope: expected exactly one action, got {len(actions)}")
-    ttl: int | None = None
-    if requested_ttl:
-        if not requested_ttl.isdigit() or int(requested_ttl) <= 0:
-            raise InvalidRequest("requested_ttl: expected a positive number of seconds")
-        ttl = int(requested_ttl)
+    ttl = ascii_int(requested_ttl, "requested_ttl") if requested_ttl else None
     return ExchangeRequest(
         subject_token=subject_token,
         model=target.removeprefix("model:"),
@@ -147,7 +155,7 @@ async def read_form(request: Request) -> dict[str, list[str]]:
     Raises InvalidRequest naming what is wrong (type, size, encoding, too many fields)."""
     ctype = request.headers.get("content-type")
     if ctype is None or ctype.partition(";")[0].strip().lower() != FORM:
-        got = "nothing" if ctype is None else repr(ctype[:100])
+        got = "nothing" if ctype is None else shown(ctype)
         raise InvalidRequest(f"Content-Type: expected {FORM}, got {got}")
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
@@ -174,6 +182,10 @@ async def read_form(request: Request) -> dict[str, list[str]]:
 def exchange_fields(form: dict[str, list[str]]) -> ExchangeRequest:
     """:func:`parse_exchange` over parsed form fields: a blank field counts as absent, and a
     field other than ``resource`` and ``audience`` may appear at most once."""
+    for name, given in form.items():
+        if any("\x00" in value for value in given):
+            # NOTE: no store takes NUL in text (PostgreSQL refuses it), and no field needs it.
+            raise InvalidRequest(f"{capped(name, 64)}: contains a NUL character")
     single: dict[str, str | None] = {}
     for name in SINGLE_FIELDS:
         values = form.get(name)
@@ -239,32 +251,86 @@ class TokenEndpoint:
     and runs the exchange with :func:`exchange`.
     Its OpenAPI entry is :data:`OPENAPI`. Every other request goes to ``app`` unchanged."""
 
-    def __init__(self, app: ASGIApp, broker: Broker, pool: Executor) -> None:
+    def __init__(
+        self, app: ASGIApp, broker: Broker, pool: Executor, clients: ClientAddresses
+    ) -> None:
         self.app = app
         self.broker = broker
         self.pool = pool
+        self.clients = clients
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":
-            error = InvalidRequest(f"method {scope['method'][:20]}: expected POST")
+            error = InvalidRequest(f"method {capped(scope['method'], 20)}: expected POST")
             allow = {**NO_STORE, "Allow": "POST"}
             await JSONResponse(error.to_wire(), 405, allow)(scope, receive, send)
             return
         started = time.perf_counter()
-        metrics = self.broker.metrics
+        client = self.clients.of(scope)
+        try:
+            take_budget(self.broker.refusals, client, PATH)
+            result = await self._exchange(scope, receive, client)
+        except BrokerError as exc:
+            disclose = self.broker.grants.explain_denials
+            outcome, response = exc.code, error_response(exc, NO_STORE, disclose=disclose)
+        else:
+            outcome, response = "issued", JSONResponse(_answer(result), 200, NO_STORE)
+        self.broker.metrics.exchanges.labels(outcome).inc()
+        self.broker.metrics.latency.observe(time.perf_counter() - started)
+        await response(scope, receive, send)
+
+    async def _exchange(self, scope: Scope, receive: Receive, client: str) -> ExchangeResult:
+        """Parse and run the exchange, with the token ``client`` took from its budget: kept by
+        a refusal of an attempt that verified nobody (counted for the summary unless an event
+        records it), given back otherwise.
+        NOTE: fail closed: an error that escaped the exchange (a bug) is a 503, never a
+        credential; what the exchange itself refuses it has recorded."""
+        budget = self.broker.refusals
         try:
             req = exchange_fields(await read_form(Request(scope, receive)))
             result = await exchange(self.broker.grants, req, self.pool)
         except BrokerError as exc:
-            outcome, response = exc.code, JSONResponse(exc.to_wire(), exc.status, NO_STORE)
-        else:
-            outcome, response = "issued", JSONResponse(_answer(result), 200, NO_STORE)
-        metrics.exchanges.labels(outcome).inc()
-        metrics.latency.observe(time.perf_counter() - started)
-        await response(scope, receive, send)
+            settle_budget(budget, client, PATH, exc)
+            raise
+        except Exception:
+            budget.refund(client)
+            log.exception("POST /v1/token failed unexpectedly; refused")
+            raise ExchangeFailed("the broker failed while handling this exchange") from None
+        budget.refund(client)
+        return result
+
+
+def take_budget(budget: RefusalBudget, client: str, endpoint: str) -> None:
+    """Take a token of ``client``'s budget of unverifiable attempts; raise RateLimited (counted
+    for the summary) when it has none."""
+    wait = budget.take(client)
+    if wait is not None:
+        budget.count(client, endpoint, "rate_limited")
+        raise RateLimited(
+            f"too many unverifiable attempts from this address; retry in {wait} s",
+            retry_after=wait,
+        )
+
+
+def settle_budget(budget: RefusalBudget, client: str, endpoint: str, error: BrokerError) -> None:
+    """After the refusal ``error``: a refusal that verified nobody keeps ``client``'s token (and
+    is counted for the summary unless an event records it); any other gives it back."""
+    if error.attributed or error.status >= 500:
+        budget.refund(client)
+    elif error.fields.get("audit_index") is None:
+        budget.count(client, endpoint, error.reason)
+
+
+def error_response(
+    exc: BrokerError, headers: dict[str, str], *, disclose: bool = False
+) -> JSONResponse:
+    """The JSON answer for ``exc``, with Retry-After for a 429."""
+    if isinstance(exc, RateLimited):
+        headers = {**headers, "Retry-After": str(exc.retry_after)}
+    return JSONResponse(exc.to_wire(disclose=disclose), exc.status, headers)
 
 
 def _openapi() -> dict[str, Any]:
@@ -295,10 +361,21 @@ OPENAPI = _openapi()
 
 @router.post("/v1/introspect", tags=["exchange"], summary="RFC 7662 introspection of broker JWTs")
 def introspect_token(
+    request: Request,
     broker: BrokerDep,
-    _caller: Annotated[object, Depends(authenticate_any)],
     token: OptForm = None,
 ) -> JSONResponse:
+    """Whether a broker JWT's grant is active. The caller authenticates with its own bearer
+    token; a caller whose bearer verifies nobody is charged to its address's budget."""
+    client = request.app.state.clients.of(request.scope)
+    take_budget(broker.refusals, client, INTROSPECT_PATH)
+    try:
+        authenticate_any(request, broker)
+    except Unauthenticated as exc:
+        settle_budget(broker.refusals, client, INTROSPECT_PATH, exc)
+        raise
+    broker.refusals.refund(client)
+    token = (token or "").strip()
     if not token:
         raise InvalidRequest("token is required")
     body = introspect(token, keys=broker.keys, issuer_url=broker.issuer_url, grants=broker.grants)

@@ -21,6 +21,7 @@ from broker.approvals.rules import (
 )
 from broker.approvals.webhook import Notifier
 from broker.audit.log import AuditLog, rfc3339
+from broker.bounds import shown
 from broker.errors import BrokerError, Conflict, Forbidden, InvalidRequest, NotFound
 from broker.identity.types import Person, WorkloadIdentity
 from broker.policy import Decision, LoadedPolicy
@@ -143,7 +144,7 @@ class ApprovalService:
             query = query.where(ApprovalRow.model == model)
         if status and status not in set(ApprovalState):
             known = ", ".join(ApprovalState)
-            raise InvalidRequest(f"status: expected one of {known}; got {status!r}")
+            raise InvalidRequest(f"status: expected one of {known}; got {shown(status)}")
         with self.store.read() as session:
             views = [self._view(session, r, now) for r in session.scalars(query.limit(MAX_LIST))]
         return [v for v in views if status is None or v["status"] == status][: max(1, limit)]
@@ -152,7 +153,7 @@ class ApprovalService:
     def _row(session: Session, approval_id: str, *, lock: bool = False) -> ApprovalRow:
         row = session.get(ApprovalRow, approval_id, with_for_update=lock)
         if row is None:
-            raise NotFound(f"approval request {approval_id!r} not found")
+            raise NotFound(f"approval request {shown(approval_id)} not found")
         return row
 
     def reviews_of(self, session: Session, approval_id: str) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from broker.bounds import shown
 from broker.errors import InvalidRequest
 from broker.grants.model import Grant
 
@@ -98,6 +99,6 @@ class BackendRegistry:
         if name is None:
             known = ", ".join(BACKEND_FOR_TOKEN_TYPE)
             raise InvalidRequest(
-                f"requested_token_type {token_type!r} is not supported; use one of {known}"
+                f"requested_token_type {shown(token_type)} is not supported; use one of {known}"
             )
         return self.get(name)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from broker.bounds import bounded_json, capped
 from broker.errors import InvalidRequest
 
 MAX_LINEAGE_BYTES = 16 * 1024
@@ -59,18 +59,12 @@ def parse_lineage(raw: str | None) -> dict[str, Any] | None:
     """Parse the ``lineage`` form field. Raises InvalidRequest naming the bad path."""
     if raw is None or raw == "":
         return None
-    if len(raw.encode()) > MAX_LINEAGE_BYTES:
-        raise InvalidRequest(f"lineage is larger than {MAX_LINEAGE_BYTES} bytes")
+    data = bounded_json(raw, "lineage", max_bytes=MAX_LINEAGE_BYTES)
+    if isinstance(data, dict) and isinstance(data.get("rollback_point"), str):
+        data["rollback_point"] = {"uri": data["rollback_point"]}
     try:
-        data = json.loads(raw)
-        if isinstance(data, dict) and isinstance(data.get("rollback_point"), str):
-            data["rollback_point"] = {"uri": data["rollback_point"]}
         return Lineage.model_validate(data).model_dump(mode="json", exclude_none=True)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(
-            f"lineage is not valid JSON: {exc.msg} at position {exc.pos}"
-        ) from None
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "lineage"
+        where = ".".join(capped(str(p), 64) for p in err["loc"]) or "lineage"
         raise InvalidRequest(f"lineage.{where}: {err['msg']}") from None

@@ -34,12 +34,14 @@ from broker.approvals.service import ApprovalService, binding_for
 from broker.audit.log import AuditLog, NewEvent, rfc3339
 from broker.backends.base import Backend, BackendRegistry, Credential
 from broker.backends.jwt import default_audience
+from broker.bounds import capped, shown
 from broker.errors import (
     AccessDenied,
     ApprovalRequired,
     AuditUnavailable,
     BrokerError,
     Conflict,
+    ExchangeFailed,
     IdentityRejected,
     InvalidRequest,
     InvalidTarget,
@@ -107,15 +109,17 @@ class ExchangeResult:
     credential: Credential
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _ExchangeWrite:
     """What one group-commit step of an exchange writes: its event, the spent token, a new
-    grant row, and the activation of an ``issuing`` grant (see :func:`_activate`)."""
+    grant row, and the activation of an ``issuing`` grant (see :func:`_activate`). The writer
+    sets ``index``, the event's index in the log, once it is appended."""
 
     event: NewEvent | None
     spend: dict[str, Any] | None = None
     grant: dict[str, Any] | None = None
     activate: dict[str, Any] | None = None
+    index: int | None = None
 
 
 @dataclass(slots=True)
@@ -145,7 +149,11 @@ class GrantService:
         audit: AuditLog,
         approvals: ApprovalService,
         clock: Clock = utcnow,
+        explain_denials: bool = False,
     ) -> None:
+        self.explain_denials = explain_denials
+        """Callers get a refusal's full detail (the policy's expected values); else only
+        admins and the log do (see BrokerError)."""
         self.audit = audit
         self.approvals = approvals
         self.revocations = Revocations(
@@ -192,6 +200,16 @@ class GrantService:
         except BrokerError as error:
             yield from self._record_denial(req, identity, error, consume=not attempt.spent)
             raise
+        except Exception:
+            # NOTE: fail closed: an error nobody foresaw (a bug) is a refusal like any other,
+            # recorded and spending the token, so the next unknown bug cannot be used silently.
+            log.exception("exchange failed unexpectedly (%r); refused", req)
+            failed = ExchangeFailed(
+                "the broker failed while handling this exchange; nothing was issued and the "
+                "attempt was recorded"
+            )
+            yield from self._record_denial(req, identity, failed, consume=not attempt.spent)
+            raise failed from None
 
     def commit_later(self, write: _ExchangeWrite, done: Callable[[Exception | None], None]) -> None:
         """Queue a write that :meth:`exchange_steps` yielded for the next group commit;
@@ -213,7 +231,8 @@ class GrantService:
             datasets=lineage_datasets(lineage),
         )
         if decision.outcome is Outcome.DENY:
-            raise AccessDenied(self._denial_text(identity, decision), reasons=decision.reasons())
+            public, detail = _denial_texts(identity, decision)
+            raise AccessDenied(public, detail=detail, disclosed={"reasons": decision.reasons()})
         return decision, lineage
 
     def binding(
@@ -349,7 +368,7 @@ class GrantService:
         attempt.spent = True
         try:
             credential = backend.issue(grant)
-        except BrokerError:
+        except Exception:
             self._fail(grant.id, enqueue=False)
             raise
         activate = {"grant_id": grant.id, "ref": credential.credential_ref}
@@ -360,7 +379,7 @@ class GrantService:
                 with self.store.write() as session:
                     _activate(session.connection(), activate)
                     approved(session, credential)
-        except BrokerError:
+        except Exception:
             self._fail(grant.id, enqueue=True, credential_ref=credential.credential_ref)
             raise
         return ExchangeResult(grant=grant, credential=credential)
@@ -390,24 +409,9 @@ class GrantService:
             raise InvalidRequest("audience applies only to broker JWTs")
         allowed = self.policy.policy.models[decision.model].backends.jwt.audiences
         if req.audience not in allowed:
-            raise InvalidTarget(
-                f"audience {req.audience!r} is not allowed for model {decision.model}: "
-                f"expected {default!r} or one of {allowed}"
-            )
+            text = f"audience {shown(req.audience)} is not allowed for model {decision.model}"
+            raise InvalidTarget(text, detail=f"{text}: expected {default!r} or one of {allowed}")
         return req.audience
-
-    @staticmethod
-    def _denial_text(identity: WorkloadIdentity, decision: Decision) -> str:
-        head = (
-            f"no rule allows subject {identity.subject!r} of issuer {identity.issuer_name} to "
-            f"{decision.action} model {decision.model} via {decision.backend}"
-        )
-        reasons = decision.reasons()
-        if not reasons:
-            return head + ": the policy has no rules"
-        shown = "; ".join(reasons[:MAX_REASONS_SHOWN])
-        more = len(reasons) - MAX_REASONS_SHOWN
-        return f"{head}: {shown}" + (f" (and {more} more rules)" if more > 0 else "")
 
     @staticmethod
     def _consume(conn: Connection, identity: WorkloadIdentity) -> None:
@@ -445,7 +449,9 @@ class GrantService:
         appended, frontier = self.audit.append_batch(conn, [event for _, event in logged])
         for (i, _), result in zip(logged, appended, strict=True):
             if isinstance(result, ValueError):
-                outcomes[i] = result
+                outcomes[i] = InvalidRequest(f"the request cannot be recorded: {result}")
+            else:
+                writes[i].index = result
         done = [w for w, error in zip(writes, outcomes, strict=True) if error is None]
         tokens = [w.spend for w in done if w.spend is not None]
         grants = [w.grant for w in done if w.grant is not None]
@@ -471,24 +477,32 @@ class GrantService:
         *,
         consume: bool,
     ) -> Steps[_ExchangeWrite, None]:
-        """Record a refused attempt. NOTE: a single-use token is spent by the first attempt that
-        passes verification, whatever the decision, so a refused token cannot be retried."""
+        """Record a refused attempt, then give ``error`` the event's ``audit_index``.
+        NOTE: a single-use token is spent by the first attempt that passes verification,
+        whatever the decision, so a refused token cannot be retried. Every caller-supplied
+        string is capped (broker.bounds.capped), so no request can make its denial too large
+        to record."""
         data: dict[str, Any] = {
             "error": error.code,
-            "description": error.description,
-            "model": req.model,
-            "action": req.action,
-            "requested_token_type": req.token_type,
+            "description": error.detail,
+            "model": capped(req.model),
+            "action": capped(req.action),
+            "requested_token_type": capped(req.token_type),
             "identity": _identity_event(identity) if identity else None,
             "token_hmac": self.audit.token_hmac(req.subject_token) if req.subject_token else None,
         }
+        if isinstance(error, IdentityRejected) and identity is None:
+            data["reason"] = error.reason
         event = NewEvent("exchange.denied", self.clock(), data)
         spend = _spend(identity) if consume and identity is not None else None
+        write = _ExchangeWrite(event, spend)
         try:
-            yield _ExchangeWrite(event, spend)
+            yield write
         except TokenReplayed as replay:
             yield from self._record_denial(req, identity, replay, consume=False)
             raise replay from None
+        error.fields["audit_index"] = write.index
+        error.attributed = identity is not None
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -496,7 +510,7 @@ class GrantService:
         with self.store.read() as session:
             row = session.get(GrantRow, grant_id)
             if row is None:
-                raise NotFound(f"grant {grant_id!r} not found")
+                raise NotFound(f"grant {shown(grant_id)} not found")
             return Grant.from_row(row, self.clock())
 
     def find(
@@ -558,7 +572,7 @@ class GrantService:
         with self.store.write() as session:
             row = session.get(GrantRow, grant_id, with_for_update=True)
             if row is None:
-                raise NotFound(f"grant {grant_id!r} not found")
+                raise NotFound(f"grant {shown(grant_id)} not found")
             current = Grant.from_row(row, now)
             if current.status is not GrantStatus.ACTIVE:
                 when = current.revoked_at or current.expires_at
@@ -667,7 +681,7 @@ def _status_clause(status: str, now: dt.datetime) -> Any:
         )
     if status == "revoked":
         return GrantRow.status == "revoked"
-    raise InvalidRequest(f"status: expected one of active, expired, revoked; got {status!r}")
+    raise InvalidRequest(f"status: expected one of active, expired, revoked; got {shown(status)}")
 
 
 def _clean_reason(reason: str | None) -> str | None:
@@ -677,6 +691,33 @@ def _clean_reason(reason: str | None) -> str | None:
     if len(reason) > MAX_REASON_CHARS:
         raise InvalidRequest(f"reason is longer than {MAX_REASON_CHARS} characters")
     return reason or None
+
+
+def _denial_texts(identity: WorkloadIdentity, decision: Decision) -> tuple[str, str]:
+    """What a denied caller reads, and the full explanation (for the log and dev mode).
+
+    NOTE: any repository can mint a token our issuers trust, so the caller's text names only
+    what its own token and request said (which checks failed, with its values), never a rule,
+    an expected value or a pattern (docs/security.md)."""
+    head = (
+        f"no rule allows subject {shown(identity.subject)} of issuer {identity.issuer_name} "
+        f"to {decision.action} model {decision.model} via {decision.backend}"
+    )
+    if not decision.misses:
+        return head, head + ": the policy has no rules"
+    failed: dict[str, str] = {}
+    for miss in decision.misses:
+        failed.setdefault(miss.label, miss.actual)
+    public = f"{head}; failed: " + _first(
+        [f"{label}: got {actual}" for label, actual in failed.items()], "checks"
+    )
+    return public, f"{head}: " + _first([m.sentence() for m in decision.misses], "rules")
+
+
+def _first(items: list[str], what: str) -> str:
+    """The first MAX_REASONS_SHOWN of ``items`` joined, with how many more there are."""
+    more = len(items) - MAX_REASONS_SHOWN
+    return "; ".join(items[:MAX_REASONS_SHOWN]) + (f" (and {more} more {what})" if more > 0 else "")
 
 
 def _identity_event(identity: WorkloadIdentity) -> dict[str, Any]:

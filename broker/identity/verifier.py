@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import jwt
 
+from broker.bounds import has_unsafe_text
 from broker.errors import IdentityRejected
 from broker.identity import profiles
 from broker.identity.types import Person, WorkloadIdentity, _seal_person, _seal_workload
@@ -39,6 +40,9 @@ from broker.policy.model import IssuerConfig, IssuerKind, Policy
 
 MAX_TOKEN_BYTES = 16 * 1024
 LEEWAY_SECONDS = 30
+MAX_EXP_AHEAD_SECONDS = 10 * 366 * 86400
+"""``exp`` at most this far ahead (ten years), and no time claim before 1970: a time beyond
+every calendar the store and the backends use is refused as a claim, not met as a crash."""
 
 MAX_KID_LENGTH = 128
 _KID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_KID_LENGTH}}}")
@@ -138,6 +142,9 @@ def _decode_segment(segment: str, name: str) -> dict[str, Any]:
         raise IdentityRejected(f"token {name} is not base64url-encoded JSON") from None
     if not isinstance(value, dict):
         raise IdentityRejected(f"token {name} is not a JSON object")
+    # Only a \u escape can produce NUL or a surrogate: walk the strings only when one is there.
+    if b"\\u" in raw and has_unsafe_text(value):
+        raise IdentityRejected(f"token {name} holds a NUL character or an unpaired surrogate")
     return value
 
 
@@ -218,8 +225,9 @@ def _check_audience(trusted: _Trusted, claims: Mapping[str, Any]) -> tuple[str, 
         # NOTE: an extra audience means the token is also meant for someone else, who could
         # replay it here; every value must be ours (RFC 8725 §3.9).
         raise IdentityRejected(
-            f"claim aud: expected one of {sorted(trusted.audiences)}, got {values} "
-            f"(not ours: {foreign})"
+            f"claim aud: {_show(foreign)} is not an audience of this broker",
+            detail=f"claim aud: expected one of {sorted(trusted.audiences)}, got {_show(values)} "
+            f"(not ours: {_show(foreign)})",
         )
     return tuple(values)
 
@@ -239,16 +247,22 @@ def _number(claims: Mapping[str, Any], name: str) -> float:
 
 
 def _check_times(claims: Mapping[str, Any], now: float) -> None:
-    """exp, nbf and iat against ``now``, with LEEWAY_SECONDS either way."""
+    """exp, nbf and iat against ``now``, with LEEWAY_SECONDS either way; each within 1970 and
+    MAX_EXP_AHEAD_SECONDS from now."""
     exp = _number(claims, "exp")
     iat = _number(claims, "iat")
+    nbf = None if claims.get("nbf") is None else _number(claims, "nbf")
+    for name, seconds in (("exp", exp), ("iat", iat), ("nbf", nbf)):
+        if seconds is not None and not 0 <= seconds <= now + MAX_EXP_AHEAD_SECONDS:
+            raise IdentityRejected(
+                f"claim {name}: {_iso(seconds)} is outside the accepted range "
+                f"(1970 to {MAX_EXP_AHEAD_SECONDS // 86400} days from now)"
+            )
     when = f"(now {_iso(now)}, leeway {LEEWAY_SECONDS}s)"
     if exp <= now - LEEWAY_SECONDS:
         raise IdentityRejected(f"token expired at {_iso(exp)} {when}")
-    if claims.get("nbf") is not None:
-        nbf = _number(claims, "nbf")
-        if nbf > now + LEEWAY_SECONDS:
-            raise IdentityRejected(f"token is not valid before {_iso(nbf)} {when}")
+    if nbf is not None and nbf > now + LEEWAY_SECONDS:
+        raise IdentityRejected(f"token is not valid before {_iso(nbf)} {when}")
     if iat > now + LEEWAY_SECONDS:
         raise IdentityRejected(f"claim iat: token issued in the future at {_iso(iat)} {when}")
 
@@ -333,32 +347,45 @@ class Verifier:
         )
 
     def _verify(self, token: str, kind: IssuerKind) -> _Verified:
-        header_b64, payload_b64, signature_b64 = _split(token)
-        header = _decode_segment(header_b64, "header")
-        alg, kid = _check_header(header)
-        if not signature_b64:
-            raise IdentityRejected("signature is empty: unsigned tokens are never accepted")
-        unverified = _decode_segment(payload_b64, "payload")
-        trusted = self._issuer(unverified, kind)
-        config = trusted.config
-        profiles.check_header(config.effective_profile, header)
-        if alg not in trusted.algorithms:
-            raise IdentityRejected(
-                f"header alg {_show(alg)} is not allowed for issuer {config.name!r} "
-                f"(allowed: {', '.join(config.algorithms)})"
-            )
-        key = self._keys.key_for(config, kid)
-        claims = self._decode(token, key, alg, kid, config)
-        subject = claims["sub"]
-        if not subject:
-            raise IdentityRejected("claim sub: expected a non-empty string")
-        audience = _check_audience(trusted, claims)
-        _check_times(claims, self._clock())
-        if config.single_use and not claims.get("jti"):
-            raise IdentityRejected(
-                f"claim jti is required: issuer {config.name!r} is single_use "
-                "(each token may be exchanged once)"
-            )
+        # ``stage`` names the class of a rejection (IdentityRejected.reason), which the
+        # unverified-refusal summaries count.
+        stage = "malformed"
+        try:
+            header_b64, payload_b64, signature_b64 = _split(token)
+            header = _decode_segment(header_b64, "header")
+            alg, kid = _check_header(header)
+            if not signature_b64:
+                raise IdentityRejected("signature is empty: unsigned tokens are never accepted")
+            unverified = _decode_segment(payload_b64, "payload")
+            stage = "untrusted_issuer"
+            trusted = self._issuer(unverified, kind)
+            config = trusted.config
+            stage = "malformed"
+            profiles.check_header(config.effective_profile, header)
+            if alg not in trusted.algorithms:
+                raise IdentityRejected(
+                    f"header alg {_show(alg)} is not allowed for issuer {config.name!r} "
+                    f"(allowed: {', '.join(config.algorithms)})"
+                )
+            stage = "bad_signature"
+            key = self._keys.key_for(config, kid)
+            claims = self._decode(token, key, alg, kid, config)
+            stage = "bad_claims"
+            subject = claims["sub"]
+            if not subject:
+                raise IdentityRejected("claim sub: expected a non-empty string")
+            audience = _check_audience(trusted, claims)
+            stage = "bad_time"
+            _check_times(claims, self._clock())
+            stage = "bad_claims"
+            if config.single_use and not claims.get("jti"):
+                raise IdentityRejected(
+                    f"claim jti is required: issuer {config.name!r} is single_use "
+                    "(each token may be exchanged once)"
+                )
+        except IdentityRejected as exc:
+            exc.reason = stage
+            raise
         return _Verified(trusted, claims, audience)
 
     def _issuer(self, unverified: Mapping[str, Any], kind: IssuerKind) -> _Trusted:

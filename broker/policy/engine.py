@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
+from broker.bounds import shown
 from broker.errors import InvalidRequest, InvalidScope, InvalidTarget
 from broker.identity.types import ClaimValue, WorkloadIdentity
 from broker.policy.glob import glob_matches
 from broker.policy.loader import CompiledRule, LoadedPolicy, list_known
 from broker.policy.model import ActionConfig, ModelConfig, Tier
-
-# Claim values and requested names end up in error descriptions and audit entries; cap them.
-MAX_SHOWN_CHARS = 200
 
 MISSING = "missing"
 """``RuleMiss.actual`` when the token has no such claim (values themselves are quoted)."""
@@ -47,10 +45,14 @@ class RuleMiss:
     expected: str
     actual: str
 
+    @property
+    def label(self) -> str:
+        """The check in words: ``issuer``, ``subject``, ``claim <name>``, ``model``..."""
+        return _check_label(self.check)
+
     def sentence(self) -> str:
         """E.g. ``rule trainer: issuer: expected cluster, got github``."""
-        label = _check_label(self.check)
-        return f"rule {self.rule}: {label}: expected {self.expected}, got {self.actual}"
+        return f"rule {self.rule}: {self.label}: expected {self.expected}, got {self.actual}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +129,9 @@ def decide(
     action_config = _action(policy, action)
     if not model_config.has_backend(backend):
         raise InvalidTarget(
-            f"model {model!r} has no {_shown(backend)} backend; "
-            f"configured: {', '.join(model_config.backend_names())}"
+            f"model {shown(model)} has no {shown(backend)} backend",
+            detail=f"model {shown(model)} has no {shown(backend)} backend; "
+            f"configured: {', '.join(model_config.backend_names())}",
         )
     tier = policy.policy.tiers.get(action_config.tier)
     ttl = _ttl(action_config, requested_ttl, tier.max_ttl if tier else None)
@@ -167,14 +170,20 @@ def decide(
 def _model(policy: LoadedPolicy, model: str) -> ModelConfig:
     config = policy.policy.models.get(model)
     if config is None:
-        raise InvalidTarget(f"unknown model {_shown(model)}; {list_known(policy.policy.models)}")
+        raise InvalidTarget(
+            f"unknown model {shown(model)}",
+            detail=f"unknown model {shown(model)}; {list_known(policy.policy.models)}",
+        )
     return config
 
 
 def _action(policy: LoadedPolicy, action: str) -> ActionConfig:
     config = policy.policy.actions.get(action)
     if config is None:
-        raise InvalidScope(f"unknown action {_shown(action)}; {list_known(policy.policy.actions)}")
+        raise InvalidScope(
+            f"unknown action {shown(action)}",
+            detail=f"unknown action {shown(action)}; {list_known(policy.policy.actions)}",
+        )
     return config
 
 
@@ -194,7 +203,7 @@ def _dataset_miss(compiled: CompiledRule, datasets: Sequence[str]) -> RuleMiss |
     for uri in datasets:
         if not any(glob_matches(pattern, uri) for pattern in compiled.datasets):
             return RuleMiss(
-                compiled.rule.name, "datasets", _one_of(compiled.rule.datasets), _shown(uri)
+                compiled.rule.name, "datasets", _one_of(compiled.rule.datasets), shown(uri)
             )
     return None
 
@@ -218,13 +227,13 @@ def _first_miss(
             actual = f"{_json_kind(value)} (only strings, integers and booleans are compared)"
             return RuleMiss(rule.name, f"claims.{name}", _one_of(accepted), actual)
         if text not in accepted:
-            return RuleMiss(rule.name, f"claims.{name}", _one_of(accepted), _shown(text))
+            return RuleMiss(rule.name, f"claims.{name}", _one_of(accepted), shown(text))
     if not any(glob_matches(pattern, model) for pattern in compiled.models):
-        return RuleMiss(rule.name, "models", _one_of(rule.models), _shown(model))
+        return RuleMiss(rule.name, "models", _one_of(rule.models), shown(model))
     if action not in compiled.actions:
-        return RuleMiss(rule.name, "actions", _one_of(rule.actions), _shown(action))
+        return RuleMiss(rule.name, "actions", _one_of(rule.actions), shown(action))
     if backend not in compiled.backends:
-        return RuleMiss(rule.name, "backends", _one_of(rule.backends), _shown(backend))
+        return RuleMiss(rule.name, "backends", _one_of(rule.backends), shown(backend))
     return None
 
 
@@ -233,12 +242,12 @@ def _subject_miss(compiled: CompiledRule, subject: str) -> RuleMiss | None:
     if compiled.subject_pattern is None:
         if subject == rule.subject:
             return None
-        expected = _shown(rule.subject or "")
+        expected = shown(rule.subject or "")
     else:
         if glob_matches(compiled.subject_pattern, subject):
             return None
-        expected = f"pattern {_shown(rule.subject_pattern or '')}"
-    return RuleMiss(rule.name, "subject", expected, _shown(subject))
+        expected = f"pattern {shown(rule.subject_pattern or '')}"
+    return RuleMiss(rule.name, "subject", expected, shown(subject))
 
 
 def claim_text(value: ClaimValue) -> str | None:
@@ -301,15 +310,8 @@ def _check_label(check: str) -> str:
 
 def _one_of(values: Sequence[str]) -> str:
     if len(values) == 1:
-        return _shown(values[0])
-    return "one of " + ", ".join(_shown(v) for v in values)
-
-
-def _shown(value: str) -> str:
-    """``value`` quoted (control characters escaped) and cut to :data:`MAX_SHOWN_CHARS`."""
-    if len(value) <= MAX_SHOWN_CHARS:
-        return repr(value)
-    return f"{value[:MAX_SHOWN_CHARS]!r} (cut at {MAX_SHOWN_CHARS} of {len(value)} characters)"
+        return shown(values[0])
+    return "one of " + ", ".join(shown(v) for v in values)
 
 
 def _json_kind(value: object) -> str:

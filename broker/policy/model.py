@@ -294,6 +294,9 @@ class Policy(_Strict):
     people: dict[str, list[IdentityRef]] = Field(default_factory=dict)
     """Person name → their identities, so that nobody reviews their own request through a
     second identity."""
+    explain_denials: bool | None = None
+    """Tell refused callers the policy's expected values (which rule wanted what). Default:
+    only in dev mode; otherwise they go to the audit log and admins (docs/security.md)."""
 
     def issuer_by_url(self, url: str) -> IssuerConfig | None:
         return next((i for i in self.issuers if i.issuer == url), None)
