@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -11,37 +10,52 @@ import pytest
 from broker.backends.base import Backend, Credential
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
-from tests.backends.conformance import BackendConformance, NewGrant, Works, make_grant
+from broker.grants.introspection import introspect
+from broker.grants.model import Grant
+from broker.runtime import Broker
+from tests.backends.conformance import BackendConformance, NewGrant, Revoke, Works, make_grant
+from tests.conftest import person_token
+from tests.grants.support import store_grant
 
 ISSUER = "http://127.0.0.1:9"
 
 
 class TestJwtConformance(BackendConformance):
-    @pytest.fixture
-    def keys(self, tmp_path: Path) -> KeyRing:
-        return KeyRing(tmp_path / "keys")
+    """The jwt backend keeps no state of its own: a broker JWT stops working when its grant is
+    no longer active, which is what introspection (asked by every relying party that needs
+    prompt revocation) answers. So its credential_works is introspection, and its revocation
+    is the broker's: the grant revoked, then the backend told."""
 
     @pytest.fixture
-    def backend(self, keys: KeyRing) -> Iterator[Backend]:
-        yield JwtBackend(keys, ISSUER)
+    def backend(self, broker: Broker) -> Backend:
+        return broker.grants.backends.get("jwt")
 
     @pytest.fixture
-    def new_grant(self) -> NewGrant:
-        return make_grant
+    def new_grant(self, broker: Broker) -> NewGrant:
+        return lambda: store_grant(broker, make_grant())
 
     @pytest.fixture
-    def credential_works(self, keys: KeyRing) -> Works:
-        """A relying party's check: the signature verifies with the published keys."""
-
+    def credential_works(self, broker: Broker) -> Works:
         def works(cred: Credential) -> bool:
-            kid = jwt.get_unverified_header(cred.access_token)["kid"]
-            key = keys.public_key(kid)
-            if key is None:
-                return False
-            jwt.decode(cred.access_token, key, algorithms=["ES256"], options={"verify_aud": False})
-            return True
+            answer = introspect(
+                cred.access_token,
+                keys=broker.keys,
+                issuer_url=broker.issuer_url,
+                grants=broker.grants,
+            )
+            return answer["active"] is True
 
         return works
+
+    @pytest.fixture
+    def revoke(self, broker: Broker) -> Revoke:
+        admin = broker.verifier.verify_person(person_token(broker, "admin", sub="root@example.com"))
+
+        def revoke(grant: Grant, cred: Credential) -> bool:
+            revoked = broker.grants.revoke(grant.id, admin, "conformance")
+            return revoked.backend_revocation == "confirmed"
+
+        return revoke
 
 
 def test_jwt_claims_and_audience(tmp_path: Path) -> None:

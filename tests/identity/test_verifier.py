@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.errors import IdentityRejected
 from broker.identity import LEEWAY_SECONDS, MAX_TOKEN_BYTES, JWKSCache, Verifier
+from broker.identity import verifier as verifier_module
+from broker.identity.verifier import FORBIDDEN_HEADERS
 
 from .support import (
     AUDIENCE,
@@ -383,16 +385,49 @@ def test_garbage_and_forgeries_name_their_class(env: Env) -> None:
 
 
 @pytest.mark.parametrize("header", ["jku", "x5u"])
-def test_key_urls_in_header_fetch_nothing(env: Env, key_server: KeyServer, header: str) -> None:
-    """RFC 8725 §3.10: a jku/x5u pointing at an attacker's key set is never fetched."""
+def test_key_urls_in_header_are_refused_by_the_header_rule(env: Env, header: str) -> None:
+    """RFC 8725 §3.10: a token naming where to fetch its key is refused for that alone."""
+    attacker = env.attacker.with_kid("attacker-1")
+    token = attacker.craft(
+        {"alg": "RS256", "kid": "attacker-1", header: "http://127.0.0.1:9/attacker-jwks"},
+        env.claims(),
+    )
+    reject(env, token, f"header '{header}' is not accepted")
+
+
+@pytest.mark.parametrize("header", ["jku", "x5u"])
+def test_key_urls_in_header_are_never_fetched_even_past_the_header_rule(
+    env: Env,
+    key_server: KeyServer,
+    rsa_signer: Signer,
+    monkeypatch: pytest.MonkeyPatch,
+    header: str,
+) -> None:
+    """Keys come only from the issuer's configured source: with the header rule out of the way
+    (so the verifier reaches its key lookup), the issuer's key set is fetched from the same
+    server and the token's own URL, serving the attacker's key, never is."""
+    monkeypatch.setattr(
+        verifier_module, "FORBIDDEN_HEADERS", tuple(h for h in FORBIDDEN_HEADERS if h != header)
+    )
+    key_server.serve("/jwks", {"keys": [rsa_signer.jwk()]})
     attacker = env.attacker.with_kid("attacker-1")
     key_server.serve("/attacker-jwks", {"keys": [attacker.jwk()]})
+    issuer = {"name": "ci", "issuer": CI, "audiences": [AUDIENCE]}
+    policy = make_policy({**issuer, "jwks_uri": key_server.url + "/jwks"})
+    keys = JWKSCache(clock=env.clock)
+    verifier = Verifier(policy, keys, roles_for=roles_for, clock=env.clock)
     token = attacker.craft(
         {"alg": "RS256", "kid": "attacker-1", header: key_server.url + "/attacker-jwks"},
         env.claims(),
     )
-    reject(env, token, f"header '{header}' is not accepted")
-    assert key_server.hits == []
+    try:
+        with pytest.raises(IdentityRejected, match="attacker-1") as caught:
+            verifier.verify_workload(token)
+    finally:
+        keys.close()
+    assert "is not accepted" not in caught.value.description  # not the header rule
+    assert "/jwks" in key_server.hits
+    assert "/attacker-jwks" not in key_server.hits
 
 
 def test_alg_outside_issuer_allow_list_is_rejected(env: Env, ec_signer: Signer) -> None:

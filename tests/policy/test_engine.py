@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -476,15 +478,67 @@ def test_non_positive_ttl_is_invalid_request(
 # --- purity --------------------------------------------------------------------------------------
 
 
+class RegexCompiled(AssertionError):
+    pass
+
+
+@contextmanager
+def no_regex_compilation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Inside, every way of compiling a regular expression raises RegexCompiled: ``re.compile``
+    and the module functions that take a pattern string all go through ``re._compile`` (cache
+    hit or not), and a cache miss reaches the compiler itself. (Scoped to the ``with``, since
+    pytest's own reporting uses regular expressions.)"""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RegexCompiled(f"a regular expression was compiled: {args[:1]!r}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(re, "_compile", refuse)
+        patch.setattr(re._compiler, "compile", refuse)  # type: ignore[attr-defined]
+        for name in ("compile", "match", "fullmatch", "search", "sub", "subn", "split"):
+            patch.setattr(re, name, refuse)
+        for name in ("findall", "finditer"):
+            patch.setattr(re, name, refuse)
+        yield
+
+
+COMPILING: list[Callable[[], object]] = [
+    lambda: re.compile("a+"),
+    lambda: re.match("a+", "aa"),
+    lambda: re.fullmatch("a+", "aa"),
+    lambda: re.search("a+", "aa"),
+    lambda: re.sub("a", "b", "aa"),
+    lambda: re.split(",", "a,b"),
+    lambda: re.findall("a", "aa"),
+    lambda: re._compile("a+", 0),  # type: ignore[attr-defined]
+    lambda: re._compiler.compile("a+", 0),  # type: ignore[attr-defined]
+]
+
+
+@pytest.mark.parametrize("compiling", COMPILING)
+def test_the_regex_guard_catches_every_way_of_compiling(
+    compiling: Callable[[], object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caught = False
+    with no_regex_compilation(monkeypatch):
+        try:
+            compiling()
+        except RegexCompiled:
+            caught = True
+    assert caught
+    assert re.fullmatch("a+", "aa")  # restored after the block
+
+
 def test_decide_compiles_no_regex(
     loaded: LoadedPolicy, make_identity: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_compile(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("decide() compiled a regular expression")
-
-    monkeypatch.setattr(re, "compile", no_compile)
+    """Every glob (subject pattern, models, datasets) was compiled when the policy loaded."""
     identity = trainer_identity(make_identity)
+    approved = ["s3://datasets/approved/set-1"]
 
-    decision = decide(loaded, identity, "llama-7b", "fine-tune", "vault")
+    with no_regex_compilation(monkeypatch):
+        decision = decide(loaded, identity, "llama-7b", "fine-tune", "vault", datasets=approved)
+        miss = decide(loaded, identity, "llama-7b", "fine-tune", "vault", datasets=["s3://x/y"])
 
     assert decision.outcome is Outcome.APPROVAL_REQUIRED
+    assert miss.outcome is Outcome.DENY
