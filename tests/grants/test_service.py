@@ -105,8 +105,9 @@ def test_a_denied_exchange_is_recorded_and_spends_the_token(broker: Broker) -> N
     token = eval_token(broker)
     with pytest.raises(AccessDenied, match="no rule allows subject") as denied:
         exchange(broker, token, model="mistral-7b")
-    assert denied.value.fields["reasons"]
+    assert denied.value.disclosed["reasons"]
     [event] = events(broker, "exchange.denied")
+    assert denied.value.fields["audit_index"] == event["idx"]
     assert (event["error"], event["model"], event["action"]) == (
         "access_denied",
         "mistral-7b",
