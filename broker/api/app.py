@@ -10,8 +10,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.api import admin, approvals, audit, dev, public, token
+from broker.api.bodies import BodyLimit
 from broker.api.clients import ClientAddresses, parse_networks
 from broker.errors import BrokerError, Unauthenticated
 from broker.runtime import Broker, build_broker
@@ -28,6 +30,16 @@ def _error_response(exc: BrokerError) -> JSONResponse:
 async def _broker_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BrokerError)
     return _error_response(exc)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (no such route, wrong method, a body that does not parse) in
+    the broker's error shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = "not_found" if exc.status_code == 404 else "invalid_request"
+    body = {"error": code, "error_description": str(exc.detail)}
+    headers = {**(exc.headers or {}), "Cache-Control": "no-store"}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -72,6 +84,10 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.broker = instance
     app.add_exception_handler(BrokerError, _broker_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    # NOTE: the first middleware added is the innermost: POST /v1/token never meets BodyLimit
+    # (it has its own, smaller cap and reads chunked bodies against it).
+    app.add_middleware(BodyLimit)
     app.state.clients = ClientAddresses(parse_networks(instance.settings.trusted_proxies))
     app.add_middleware(
         token.TokenEndpoint, broker=instance, pool=exchanges, clients=app.state.clients

@@ -22,7 +22,7 @@ from broker.grants.model import Grant
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.tables import EventRow
-from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, eval_token, exchange_form
+from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, eval_token, exchange_form, person_token
 
 
 @pytest.fixture
@@ -247,3 +247,32 @@ def test_shown_values_are_capped_at_the_documented_length() -> None:
     long = capped("a" * (MAX_SHOWN_CHARS + 1))
     assert long.startswith("a" * MAX_SHOWN_CHARS + "…[257 characters, sha256:")
     assert capped("a" * 300) != capped("a" * 299 + "b")
+
+
+# --- the rest of the API -------------------------------------------------------------------------
+
+
+def test_admin_bodies_are_bounded_and_must_declare_their_length(
+    client: TestClient, broker: Broker
+) -> None:
+    auth = {"Authorization": f"Bearer {person_token(broker, 'admin')}"}
+    big = client.post("/v1/revocations", content=b"x" * 300_000, headers=auth)
+    assert big.status_code == 413 and big.json()["error"] == "invalid_request"
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "llama-7b", '
+        yield b'"reason": "r"}'
+
+    chunked = client.post("/v1/revocations", content=chunks(), headers=auth)
+    assert chunked.status_code == 411, chunked.text
+
+
+def test_a_body_that_does_not_parse_is_a_400_in_the_broker_s_shape(
+    client: TestClient, broker: Broker
+) -> None:
+    deep = '{"model": "llama-7b", "action": "fine-tune", "lineage": ' + "[" * 5000 + "]" * 5000
+    auth = {"Authorization": f"Bearer {eval_token(broker)}", "Content-Type": "application/json"}
+    resp = client.post("/v1/approvals", content=deep + "}", headers=auth)
+    assert resp.status_code == 400
+    assert resp.json()["error"] == "invalid_request"
+    assert client.get("/v1/no-such-route").json()["error"] == "not_found"
