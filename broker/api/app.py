@@ -20,16 +20,15 @@ from broker.runtime import Broker, build_broker
 from broker.settings import Settings
 
 
-def _error_response(exc: BrokerError) -> JSONResponse:
+async def _broker_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BrokerError)
     headers = {"Cache-Control": "no-store"}
     if isinstance(exc, Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
-    return token.error_response(exc, headers)
-
-
-async def _broker_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, BrokerError)
-    return _error_response(exc)
+    # The same disclosure as POST /v1/token (a workload opening an approval request is refused
+    # by the same policy decision).
+    disclose = request.app.state.broker.grants.explain_denials
+    return token.error_response(exc, headers, disclose=disclose)
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
