@@ -27,6 +27,7 @@ from broker.identity.verifier import Verifier
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import Settings
 from broker.store.db import Store
+from broker.store.files import owner_only
 
 if TYPE_CHECKING:
     from broker.backends.vault import VaultBackend
@@ -131,8 +132,10 @@ def audit_origin(issuer_url: str) -> str:
 
 
 def prepare_data_dir(path: Path) -> None:
+    """Create the data dir if needed and make it 0700 (see :func:`owner_only`)."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner_only(path, 0o700)
     except OSError as exc:
         raise ConfigError(f"cannot create data dir {path}: {exc.strerror}") from exc
 

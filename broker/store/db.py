@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.errors import AuditUnavailable
+from broker.store.files import create_owner_only, owner_only
 
 log = logging.getLogger("broker.store")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -33,6 +34,24 @@ BUSY_TIMEOUT_S = 10
 
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'broker.db').resolve()}"
+
+
+def _secure_sqlite_files(database: str | None) -> None:
+    """The database file and its ``-wal`` and ``-shm`` are 0600 whatever the umask.
+
+    NOTE: SQLite creates files 0644 (less the umask), yet the database holds the audit log, the
+    grants and the spent token ids. Creating the file 0600 first is enough for the others:
+    SQLite gives a new ``-wal`` and ``-shm`` the database file's own mode. Ones left by an
+    earlier version are tightened here.
+    """
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    create_owner_only(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        sidecar = path.with_name(path.name + suffix)
+        if sidecar.exists():
+            owner_only(sidecar, 0o600)
 
 
 def _sqlite_setup(engine: Engine, synchronous: SqliteSync) -> None:
@@ -82,6 +101,7 @@ class Store:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine = create_engine(url, **kwargs)
         if is_sqlite:
+            _secure_sqlite_files(self.engine.url.database)
             _sqlite_setup(self.engine, sqlite_synchronous)
         self._writer = sessionmaker(self.engine, expire_on_commit=False)
         self._reader = sessionmaker(

@@ -4,9 +4,11 @@ take turns, and group commits answer only after their commit."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +303,42 @@ def test_submit_reports_after_the_commit_from_the_writer(store: Store) -> None:
     group.close()
     with pytest.raises(AuditUnavailable, match="shutting down"):
         group.submit("late", done_for("late"))
+
+
+@pytest.fixture(params=[0o022, 0o000], ids=["umask-022", "umask-000"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_database_files_are_owner_only_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    store = Store(sqlite_url(tmp_path))
+    try:
+        store.migrate()
+        with store.write() as s:
+            s.add(UsedTokenRow(issuer="i", jti="j", expires_at=NOW))
+        files = [tmp_path / f"broker.db{suffix}" for suffix in ("", "-wal", "-shm")]
+        assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        store.close()
+
+
+def test_database_files_left_readable_are_tightened(tmp_path: Path, umask: int) -> None:
+    first = Store(sqlite_url(tmp_path))
+    first.migrate()
+    first.close()
+    (tmp_path / "broker.db").chmod(0o644)  # as versions before 0600 left it
+    (tmp_path / "broker.db-wal").touch(mode=0o644)
+    second = Store(sqlite_url(tmp_path))
+    try:
+        assert _mode(tmp_path / "broker.db") == 0o600
+        assert _mode(tmp_path / "broker.db-wal") == 0o600
+    finally:
+        second.close()
