@@ -81,7 +81,7 @@ class Broker:
         """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
         tokens, settle grants stuck
         ``issuing``, retry due backend revocations, reconcile backend credentials (every
-        ``reconcile_interval``), and sign a checkpoint if the log grew."""
+        ``reconcile_interval``), sign a checkpoint if the log grew, and truncate SQLite's WAL."""
         revocations = self.grants.revocations
         self.grants.expire_due()
         self.grants.purge_spent_tokens()
@@ -96,6 +96,8 @@ class Broker:
             revocations.prune()
         with self.store.write() as session:
             self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        if not self.store.truncate_wal():
+            log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
 
     def start_maintenance(self) -> None:
         """Run :meth:`maintain` every ``checkpoint_interval`` seconds in a daemon thread, so a

@@ -1,16 +1,22 @@
-"""Building a broker: the data dir is the broker's own."""
+"""Building a broker (the data dir is the broker's own) and its maintenance round."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, insert, select
 
-from broker.runtime import build_broker
+from broker.runtime import Broker, build_broker
 from broker.settings import Settings
+from broker.store.db import WAL_SIZE_LIMIT
+from broker.store.tables import UsedTokenRow
+
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture(params=[0o022, 0o000], ids=["umask-022", "umask-000"])
@@ -38,3 +44,20 @@ def test_the_data_dir_and_its_files_are_owner_only(
         assert modes == dict.fromkeys(secret, 0o600)
     finally:
         broker.close()
+
+
+def test_maintenance_truncates_the_wal(broker: Broker, data_dir: Path) -> None:
+    wal = data_dir / "broker.db-wal"
+    with broker.store.write() as s:
+        s.execute(
+            insert(UsedTokenRow),
+            [
+                {"issuer": "i", "jti": f"{n:05d}" + "x" * 999, "expires_at": NOW}
+                for n in range(3000)
+            ],
+        )
+    assert wal.stat().st_size > WAL_SIZE_LIMIT
+    broker.maintain()
+    assert wal.stat().st_size == 0
+    with broker.store.read() as s:
+        assert s.execute(select(func.count()).select_from(UsedTokenRow)).scalar_one() == 3000

@@ -7,6 +7,7 @@ nothing was recorded, so nothing may be issued.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,12 @@ is opened without importing Alembic, which would cost the server ~11 MB for noth
 SqliteSync = Literal["FULL", "NORMAL"]
 BUSY_TIMEOUT_S = 10
 """How long a writer waits for the write lock (this process's, then SQLite's) before failing."""
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+"""Bytes of ``-wal`` file SQLite keeps after a checkpoint reset it (``journal_size_limit``);
+the default, -1, keeps the file at its largest size ever."""
+CHECKPOINT_BUSY_MS = 250
+"""How long a WAL truncation waits for readers to leave the log. Writers of this process wait
+meanwhile, so it is short: a truncation that cannot finish is tried again next round."""
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -65,6 +72,7 @@ def _sqlite_setup(engine: Engine, synchronous: SqliteSync) -> None:
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -112,6 +120,7 @@ class Store:
         # processes still meet BEGIN IMMEDIATE and busy_timeout. PostgreSQL needs no lock: its
         # row lock on log_head serialises appenders, and other writes may run in parallel.
         self._write_lock = threading.Lock() if is_sqlite else None
+        self._is_sqlite = is_sqlite
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
@@ -162,6 +171,35 @@ class Store:
             yield
         finally:
             lock.release()
+
+    def truncate_wal(self) -> bool:
+        """Copy SQLite's write-ahead log into the database and truncate the ``-wal`` file to
+        zero bytes. True when it did (or there is no WAL: PostgreSQL); False when a reader
+        kept it from finishing within :data:`CHECKPOINT_BUSY_MS`: the next round retries.
+
+        NOTE: SQLite checkpoints on its own (``wal_autocheckpoint``), but those checkpoints
+        never shrink the file, and a reader holding an old snapshot (a long ``broker audit
+        verify``) makes them stop short, so the file grows. Raises AuditUnavailable.
+        """
+        if not self._is_sqlite:
+            return True
+        with self._one_writer(), _fail_closed():
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
+                try:
+                    busy, _log_frames, _done = cur.execute(
+                        "PRAGMA wal_checkpoint(TRUNCATE)"
+                    ).fetchone()
+                finally:
+                    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+                    cur.close()
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(f"the store is unavailable ({type(exc).__name__})") from exc
+            finally:
+                raw.close()
+        return bool(busy == 0)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -17,12 +18,20 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event, insert, select, text
+from sqlalchemy import Connection, delete, event, insert, select, text
 from sqlalchemy.exc import OperationalError
 
 from broker.audit.log import AuditLog
 from broker.errors import AuditUnavailable, InvalidRequest
-from broker.store.db import HEAD_REVISION, MIGRATIONS, GroupCommit, Steps, Store, sqlite_url
+from broker.store.db import (
+    HEAD_REVISION,
+    MIGRATIONS,
+    WAL_SIZE_LIMIT,
+    GroupCommit,
+    Steps,
+    Store,
+    sqlite_url,
+)
 from broker.store.tables import Base, EventRow, UsedTokenRow
 
 NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
@@ -342,3 +351,58 @@ def test_database_files_left_readable_are_tightened(tmp_path: Path, umask: int) 
         assert _mode(tmp_path / "broker.db-wal") == 0o600
     finally:
         second.close()
+
+
+def _fill(store: Store, rows: int) -> None:
+    """Write ``rows`` rows of ~1 KB in one transaction (a few MB of WAL)."""
+    with store.write() as s:
+        s.execute(
+            insert(UsedTokenRow),
+            [
+                {"issuer": "i", "jti": f"{n:06d}" + "x" * 999, "expires_at": NOW}
+                for n in range(rows)
+            ],
+        )
+
+
+def _wal_bytes(tmp_path: Path) -> int:
+    wal = tmp_path / "broker.db-wal"
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_the_wal_is_truncated_once_no_reader_holds_it(tmp_path: Path) -> None:
+    store = Store(sqlite_url(tmp_path))
+    store.migrate()
+    reader = sqlite3.connect(tmp_path / "broker.db")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM used_tokens").fetchone()  # holds its snapshot
+        for _ in range(3):
+            _fill(store, 2000)
+            with store.write() as s:
+                s.execute(delete(UsedTokenRow))
+        assert _wal_bytes(tmp_path) > 3 * WAL_SIZE_LIMIT // 2  # the reader kept it growing
+        assert store.truncate_wal() is False  # it cannot while the reader is there
+        reader.execute("ROLLBACK")
+        assert store.truncate_wal() is True
+        assert _wal_bytes(tmp_path) == 0
+        with store.read() as s:  # nothing was lost on the way
+            assert s.execute(text("SELECT count(*) FROM used_tokens")).scalar_one() == 0
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_the_wal_stays_within_its_limit_between_truncations(tmp_path: Path) -> None:
+    store = Store(sqlite_url(tmp_path))
+    store.migrate()
+    try:
+        _fill(store, 6000)  # one transaction much larger than the limit
+        assert _wal_bytes(tmp_path) > 2 * WAL_SIZE_LIMIT
+        with store.write() as s:
+            s.add(UsedTokenRow(issuer="i", jti="small", expires_at=NOW))
+        # SQLite checkpointed after the large commit; the next one restarted the log and cut
+        # the file back to the limit instead of keeping its largest size.
+        assert _wal_bytes(tmp_path) <= WAL_SIZE_LIMIT
+    finally:
+        store.close()
