@@ -367,7 +367,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], host: str, port: int, log: Path) 
             break
         try:
             conn = http.client.HTTPConnection(host, port, timeout=2)
-            conn.request("GET", "/readyz")
+            conn.request("GET", "/healthz")
             if conn.getresponse().status == 200:
                 conn.close()
                 return

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
 from broker.audit.log import AuditLog
-from broker.backends.base import Backend, BackendRegistry
+from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
 from broker.dev.issuer import DevIssuer
@@ -72,10 +72,26 @@ class Broker:
     _stop: threading.Event = field(default_factory=threading.Event)
     _last_reconcile: float = 0.0
     _worker: threading.Thread | None = None
+    store_ready: CachedProbe = field(init=False)
+    """The store's write probe, cached like the backends' (see :meth:`readiness`)."""
+
+    def __post_init__(self) -> None:
+        self.store_ready = CachedProbe(self.store.probe_write)
 
     @property
     def issuer_url(self) -> str:
         return str(self.settings.issuer_url)
+
+    def readiness(self) -> dict[str, str]:
+        """Each part that exchanges need, ``"ok"`` or what is wrong with it: ``store`` (a
+        write can commit), ``signing_key``, and every external backend enabled (``vault``,
+        ``aws``: reachable, answering). Each probe is cheap and cached for a few seconds."""
+        checks = {"store": self.store_ready() or "ok"}
+        checks["signing_key"] = "ok" if self.keys.current is not None else "no signing key"
+        for backend in self.grants.backends.all():
+            if isinstance(backend, HealthChecked):
+                checks[backend.name] = backend.ready() or "ok"
+        return checks
 
     def maintain(self) -> None:
         """One round of housekeeping: expire grants and approvals, forget spent jtis of expired

@@ -172,6 +172,35 @@ class Store:
         finally:
             lock.release()
 
+    def probe_write(self) -> str | None:
+        """None when a write transaction can commit now; else why not (``the store cannot
+        write (OperationalError: database or disk is full)``). For readiness: cheap, one tiny
+        commit. Never raises.
+
+        NOTE: a transaction that rolls back proves little: SQLite writes nothing to disk for
+        it, so it succeeds on a full disk. On SQLite this commits a rewrite of the database
+        header's ``user_version`` (unused by the broker and by Alembic) with its own value:
+        one WAL frame and one fsync, and it fails exactly when an exchange's commit would need
+        new space. On PostgreSQL it checks that the session may write (not a read-only
+        standby); disk space is for the database server's own monitoring.
+        """
+        try:
+            with self.transaction() as conn:
+                if self._is_sqlite:
+                    version = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+                    conn.exec_driver_sql(f"PRAGMA user_version = {version}")
+                elif conn.exec_driver_sql("SHOW transaction_read_only").scalar() != "off":
+                    return "the store is read-only (a standby database?)"
+        except AuditUnavailable as exc:
+            cause = getattr(exc.__cause__, "orig", None) or exc.__cause__
+            if cause is None:  # this process's write lock timed out: the description says so
+                return exc.description
+            said = str(cause).strip().splitlines()
+            return (
+                f"the store cannot write ({type(cause).__name__}: {said[0][:200] if said else ''})"
+            )
+        return None
+
     def truncate_wal(self) -> bool:
         """Copy SQLite's write-ahead log into the database and truncate the ``-wal`` file to
         zero bytes. True when it did (or there is no WAL: PostgreSQL); False when a reader

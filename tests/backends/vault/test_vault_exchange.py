@@ -139,6 +139,22 @@ def test_vault_down_answers_503_and_leaves_nothing(tmp_path: Path, vault: VaultS
         assert client.post("/v1/token", data=exchange_form(ok)).status_code == 200
 
 
+def test_readyz_names_vault_when_it_is_unreachable(tmp_path: Path, vault: VaultSetup) -> None:
+    up = make_broker(tmp_path / "up", vault)
+    with TestClient(create_app(broker=up)) as client:
+        assert client.get("/readyz").json()["checks"]["vault"] == "ok"
+    dead = f"http://127.0.0.1:{free_port_pair()}"
+    down = make_broker(tmp_path / "down", vault, addr=dead)
+    with TestClient(create_app(broker=down)) as client:
+        resp = client.get("/readyz")
+        assert resp.status_code == 503
+        checks = resp.json()["checks"]
+        assert checks["vault"].startswith(f"vault at {dead} is unreachable")
+        assert checks["store"] == "ok"
+        assert f"vault: vault at {dead}" in resp.json()["error_description"]
+        assert client.get("/healthz").status_code == 200
+
+
 def test_revocation_waits_for_vault_across_restarts(tmp_path: Path, vault: VaultSetup) -> None:
     data = tmp_path / "data"
     first = make_broker(data, vault)
