@@ -21,7 +21,7 @@ from broker.backends.base import Credential
 from broker.grants.model import Grant
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
-from broker.store.tables import EventRow, GrantRow
+from broker.store.tables import EventRow, GrantRow, RevocationRow
 from tests.backends.vault.conftest import VaultSetup
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form, person_token, post_concurrently
 from tests.servers import Postgres, free_port_pair
@@ -191,6 +191,46 @@ def test_revocation_waits_for_vault_across_restarts(tmp_path: Path, vault: Vault
         "grant.backend_revocation_failed",
         "grant.backend_revocation_confirmed",
     ]
+
+
+def test_a_bulk_revocation_whose_credentials_the_reconciler_removed_ends_confirmed(
+    tmp_path: Path, vault: VaultSetup, database: Postgres
+) -> None:
+    data = tmp_path / "data"
+    first = make_broker(data, vault)
+    with TestClient(create_app(broker=first)) as client:
+        token_grant = approved_fine_tune(client, first)
+        assert first.dev_issuer is not None
+        workload = first.dev_issuer.mint(sub=EVAL_SUB, claims={"job_workflow_ref": EVAL_WORKFLOW})
+        login = client.post("/v1/token", data=exchange_form(workload, requested_token_type=VAULT))
+        assert login.status_code == 200, login.text
+    db_grant = login.json()
+    ids = {str(token_grant["grant_id"]), str(db_grant["grant_id"])}
+
+    dead = f"http://127.0.0.1:{free_port_pair()}"
+    second = make_broker(data, vault, addr=dead)  # Vault unreachable during the bulk revocation
+    with TestClient(create_app(broker=second)) as client:
+        resp = client.post(
+            "/v1/revocations", json={"model": "llama-7b", "reason": "leak"}, headers=admin(second)
+        )
+        assert resp.status_code == 200 and set(resp.json()["revoked"]) == ids
+        assert {second.grants.get(g).backend_revocation for g in ids} == {"pending"}
+
+    third = make_broker(data, vault)  # Vault back; the jobs wait for their retry
+    try:
+        removed = third.grants.revocations.reconcile(min_age_s=0)
+        assert ids <= {item["grant_id"] for item in removed}  # the token and the carrier token
+        # No retry was due and no maintenance ran: the reconciler settled the jobs it emptied.
+        assert {third.grants.get(g).backend_revocation for g in ids} == {"confirmed"}
+        with third.store.read() as s:
+            jobs = s.scalars(select(RevocationRow).where(RevocationRow.grant_id.in_(ids))).all()
+        assert {(j.status, j.attempts) for j in jobs} == {("confirmed", 2)}
+    finally:
+        third.close()
+    assert not token_alive(vault, str(token_grant["access_token"]))
+    assert not database.login_works(db_grant["username"], db_grant["access_token"])
+    kinds = [json.loads(b)["type"] for b in _bodies(data)]
+    assert kinds.count("grant.backend_revocation_confirmed") == 2
 
 
 def _bodies(data: Path) -> list[bytes]:
