@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 GOAL_PER_SECOND = 1_000
@@ -334,10 +335,20 @@ def _command(opts: ServerOptions, port: int, data_dir: Path) -> list[str]:
     loop = "auto" if opts.loop == "default" else opts.loop
     http = "auto" if opts.http == "default" else opts.http
     return [
-        *(sys.executable, "-m", "uvicorn", "broker.api.app:create_app", "--factory"),
+        *(sys.executable, "-m", "uvicorn", "exchange_load:dev_app", "--factory"),
+        *("--app-dir", str(Path(__file__).parent)),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", str(opts.workers)),
         *("--loop", loop, "--http", http, "--log-level", "warning", "--no-access-log"),
     ]
+
+
+def dev_app() -> Any:
+    """The app in dev mode (for uvicorn's ``--factory``: dev mode never comes from the
+    environment, so the other settings do and ``dev`` is passed here)."""
+    from broker.api.app import create_app  # noqa: PLC0415 (only in the spawned server)
+    from broker.settings import Settings  # noqa: PLC0415
+
+    return create_app(Settings(dev=True))
 
 
 def _prepare_data_dir(data_dir: Path, port: int) -> None:
@@ -356,7 +367,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], host: str, port: int, log: Path) 
             break
         try:
             conn = http.client.HTTPConnection(host, port, timeout=2)
-            conn.request("GET", "/readyz")
+            conn.request("GET", "/healthz")
             if conn.getresponse().status == 200:
                 conn.close()
                 return
@@ -377,7 +388,6 @@ def spawned_broker(opts: ServerOptions) -> Iterator[tuple[str, int]]:
             **os.environ,
             **opts.env,
             "BROKER_SQLITE_SYNCHRONOUS": opts.synchronous,
-            "BROKER_DEV": "true",
             "BROKER_DATA_DIR": str(data_dir),
             "BROKER_HOST": "127.0.0.1",
             "BROKER_PORT": str(port),

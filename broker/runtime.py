@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
 from broker.audit.log import AuditLog
-from broker.backends.base import Backend, BackendRegistry
+from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
 from broker.dev.issuer import DevIssuer
@@ -28,6 +28,7 @@ from broker.identity.verifier import Verifier
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import Settings
 from broker.store.db import Store
+from broker.store.files import owner_only
 
 if TYPE_CHECKING:
     from broker.backends.vault import VaultBackend
@@ -73,16 +74,32 @@ class Broker:
     _stop: threading.Event = field(default_factory=threading.Event)
     _last_reconcile: float = 0.0
     _worker: threading.Thread | None = None
+    store_ready: CachedProbe = field(init=False)
+    """The store's write probe, cached like the backends' (see :meth:`readiness`)."""
+
+    def __post_init__(self) -> None:
+        self.store_ready = CachedProbe(self.store.probe_write)
 
     @property
     def issuer_url(self) -> str:
         return str(self.settings.issuer_url)
 
+    def readiness(self) -> dict[str, str]:
+        """Each part that exchanges need, ``"ok"`` or what is wrong with it: ``store`` (a
+        write can commit), ``signing_key``, and every external backend enabled (``vault``,
+        ``aws``: reachable, answering). Each probe is cheap and cached for a few seconds."""
+        checks = {"store": self.store_ready() or "ok"}
+        checks["signing_key"] = "ok" if self.keys.current is not None else "no signing key"
+        for backend in self.grants.backends.all():
+            if isinstance(backend, HealthChecked):
+                checks[backend.name] = backend.ready() or "ok"
+        return checks
+
     def maintain(self) -> None:
         """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
         tokens, settle grants stuck
         ``issuing``, retry due backend revocations, reconcile backend credentials (every
-        ``reconcile_interval``), and sign a checkpoint if the log grew."""
+        ``reconcile_interval``), sign a checkpoint if the log grew, and truncate SQLite's WAL."""
         revocations = self.grants.revocations
         self.grants.expire_due()
         self.grants.purge_spent_tokens()
@@ -98,6 +115,8 @@ class Broker:
         self.record_refusals()
         with self.store.write() as session:
             self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        if not self.store.truncate_wal():
+            log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
 
     def record_refusals(self) -> None:
         """Write the summaries of refusals no event recorded one by one (see
@@ -153,8 +172,10 @@ def audit_origin(issuer_url: str) -> str:
 
 
 def prepare_data_dir(path: Path) -> None:
+    """Create the data dir if needed and make it 0700 (see :func:`owner_only`)."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner_only(path, 0o700)
     except OSError as exc:
         raise ConfigError(f"cannot create data dir {path}: {exc.strerror}") from exc
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from broker.errors import ConfigError
 from broker.store.db import sqlite_url
@@ -24,6 +29,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _EnvWithoutDev(EnvSettingsSource):
+    """``BROKER_*`` variables, except that ``BROKER_DEV`` is refused.
+
+    NOTE: dev mode lets anyone who reaches the broker mint admin tokens. A variable left in a
+    shell profile, a unit file or a container image would turn it on without anyone seeing it
+    on the command line, so it comes from ``--dev`` only.
+    """
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        if "dev" in values:
+            raise ConfigError(
+                "BROKER_DEV is set: dev mode is never taken from the environment; unset "
+                "BROKER_DEV and pass --dev on the command line if you mean it"
+            )
+        return values
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore", populate_by_name=True)
 
@@ -34,6 +57,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     issuer_url: str | None = None
     dev: bool = False
+    """Dev mode: from ``--dev`` only (``BROKER_DEV`` is refused, see :class:`_EnvWithoutDev`)."""
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     vault_addr: str | None = Field(default=None, validation_alias=AliasChoices("VAULT_ADDR"))
     """Enables the vault backend (the Vault ecosystem's own variable)."""
@@ -56,6 +80,17 @@ class Settings(BaseSettings):
     """...and per second after that, before it is answered 429."""
     trusted_proxies: str = ""
     """Addresses or networks (comma-separated) whose X-Forwarded-For names the client."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _EnvWithoutDev(settings_cls), dotenv_settings, file_secret_settings
 
     def resolved(self) -> Settings:
         """Fill derived defaults and refuse unsafe combinations. Raises ConfigError."""

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from broker.api.app import create_app
+from broker.cli.main import main
 from broker.errors import ConfigError, PolicyError
 from broker.settings import EXAMPLE_POLICY, Settings
 
@@ -44,3 +45,30 @@ def test_no_dev_routes_outside_dev_mode(tmp_path: Path) -> None:
 def test_serving_without_a_policy_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="policy"):
         Settings(data_dir=tmp_path).resolved()
+
+
+@pytest.mark.parametrize("value", ["true", "1", "false"])
+def test_dev_mode_never_comes_from_the_environment(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_DEV", value)
+    with pytest.raises(ConfigError, match=r"BROKER_DEV is set.*pass --dev"):
+        Settings(data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="BROKER_DEV"):
+        Settings(dev=True, data_dir=tmp_path)
+
+
+def test_the_cli_refuses_broker_dev_as_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("broker_dev", "true")  # variable names are case-insensitive
+    assert main(["reconcile", "--data-dir", str(tmp_path)]) == 2
+    assert "BROKER_DEV" in capsys.readouterr().err
+    assert not (tmp_path / "broker.db").exists()
+
+
+def test_other_settings_still_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_PORT", "9123")
+    assert Settings(data_dir=tmp_path).port == 9123

@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 from broker.api.deps import BrokerDep
 from broker.backends.keys import ALGORITHM
@@ -55,12 +54,14 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["health"])
-def readyz(broker: BrokerDep) -> dict[str, str]:
-    with broker.store.read() as session:
-        session.execute(text("SELECT 1"))
-    if broker.keys.current is None:
-        raise TemporarilyUnavailable("no signing key")
-    return {"status": "ready", "policy_digest": broker.policy.digest}
+def readyz(broker: BrokerDep) -> dict[str, Any]:
+    """200 when every part an exchange needs works; 503 naming the parts that do not."""
+    checks = broker.readiness()
+    failing = {part: problem for part, problem in checks.items() if problem != "ok"}
+    if failing:
+        named = "; ".join(f"{part}: {problem}" for part, problem in failing.items())
+        raise TemporarilyUnavailable(f"not ready: {named}", status="unavailable", checks=checks)
+    return {"status": "ready", "policy_digest": broker.policy.digest, "checks": checks}
 
 
 @router.get("/metrics", tags=["health"])

@@ -42,7 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 if TYPE_CHECKING:
     import boto3
 
-from broker.backends.base import TOKEN_TYPE_AWS, Credential
+from broker.backends.base import TOKEN_TYPE_AWS, CachedProbe, Credential
 from broker.errors import (
     AccessDenied,
     BackendUnavailable,
@@ -86,6 +86,9 @@ CUTOFF_SKEW = dt.timedelta(seconds=5)
 """The fallback cutoff sits this far past the broker's clock, so that a session STS stamped
 with a slightly faster clock is still before it (fail closed: sessions issued in these few
 seconds are revoked too)."""
+
+HEALTH_TIMEOUT_S = 2
+"""Connect and read timeouts of the readiness probe's STS call (one attempt, no retries)."""
 
 TOKEN_TYPE_NOT_APPLICABLE = "N_A"  # noqa: S105 (RFC 8693 §2.2.1: not an OAuth access token)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -531,7 +534,9 @@ class AwsBackend:
             _check_tag_value("action name", action)
         self._session = session
         self._clients: tuple[Any, Any] | None = None
+        self._health_sts: Any = None
         self._clients_guard = threading.Lock()
+        self._health = CachedProbe(self._probe_sts)
 
     def _connect(self) -> tuple[Any, Any]:
         """The STS and IAM clients, made on first use from the session (default chain)."""
@@ -541,19 +546,50 @@ class AwsBackend:
                 from botocore.config import Config  # noqa: PLC0415
 
                 session = self._session or boto3.Session()
-                # NOTE: botocore reads AWS_DEFAULT_REGION only; the product promises AWS_REGION.
-                region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
                 config = Config(
                     retries={"mode": "standard"},
                     connect_timeout=5,
                     read_timeout=15,
-                    region_name=region,
+                    region_name=_region(session),
                 )
                 self._clients = (
                     session.client("sts", config=config),
                     session.client("iam", config=config),
                 )
             return self._clients
+
+    def ready(self) -> str | None:
+        """None when STS answers ``GetCallerIdentity`` with the broker's own credentials (so
+        they resolve and are valid); else what failed. Cached
+        (:class:`~broker.backends.base.CachedProbe`); one attempt of at most
+        :data:`HEALTH_TIMEOUT_S` to connect and to read. Never raises."""
+        return self._health()
+
+    def _probe_sts(self) -> str | None:
+        try:
+            self._health_client().get_caller_identity()
+        except ClientError as exc:
+            code, _ = _error_code(exc)
+            return f"aws: STS GetCallerIdentity failed: {code}"
+        except BotoCoreError as exc:
+            return f"aws: STS GetCallerIdentity failed: {type(exc).__name__}: {exc}"
+        return None
+
+    def _health_client(self) -> Any:
+        with self._clients_guard:
+            if self._health_sts is None:
+                import boto3  # noqa: PLC0415 (see the note at the imports)
+                from botocore.config import Config  # noqa: PLC0415
+
+                session = self._session or boto3.Session()
+                config = Config(
+                    retries={"total_max_attempts": 1},
+                    connect_timeout=HEALTH_TIMEOUT_S,
+                    read_timeout=HEALTH_TIMEOUT_S,
+                    region_name=_region(session),
+                )
+                self._health_sts = session.client("sts", config=config)
+            return self._health_sts
 
     @property
     def _sts(self) -> Any:
@@ -890,7 +926,8 @@ class AwsBackend:
         """Close the STS and IAM clients' connection pools (if they were ever made)."""
         with self._clients_guard:
             clients, self._clients = self._clients, None
-        for client in clients or ():
+            health, self._health_sts = self._health_sts, None
+        for client in [*(clients or ()), *([health] if health is not None else [])]:
             client.close()
 
     @contextmanager
@@ -914,6 +951,11 @@ class AwsBackend:
         if config is None:
             raise InvalidRequest(f"aws: model {model} has no aws backend settings in the policy")
         return config
+
+
+def _region(session: boto3.Session) -> str:
+    # NOTE: botocore reads AWS_DEFAULT_REGION only; the product promises AWS_REGION.
+    return os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
 
 
 def _parse_iam_date(value: str) -> dt.datetime:

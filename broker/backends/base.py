@@ -8,7 +8,9 @@ request's ``requested_token_type``; every backend passes the shared conformance 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -73,6 +75,44 @@ class ExplainedRevocation(Protocol):
     def revoke_explained(
         self, grant: Grant, credential_ref: str | None
     ) -> tuple[bool, dict[str, Any]]: ...
+
+
+@runtime_checkable
+class HealthChecked(Protocol):
+    """A backend that can say cheaply whether it could serve now (for ``GET /readyz``)."""
+
+    def ready(self) -> str | None:
+        """None when the backend answers, else what is wrong (names the backend and the
+        address, never a secret). Cached for a few seconds (:class:`CachedProbe`): polling it
+        does not hammer the backend."""
+        ...
+
+
+READY_CACHE_S = 5.0
+"""How long a readiness probe's outcome is reused: ``/readyz`` is unauthenticated and may be
+polled often, and each probe costs the backend (or the disk) a request (or an fsync)."""
+
+
+class CachedProbe:
+    """Runs ``probe`` (None when healthy, else the problem) at most once per ``ttl`` seconds;
+    calls in between get its last outcome. One call probes at a time, so a burst of pollers
+    costs one probe. ``clock`` (monotonic seconds) may be replaced, e.g. by tests."""
+
+    def __init__(self, probe: Callable[[], str | None], *, ttl: float = READY_CACHE_S) -> None:
+        self._probe = probe
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._at: float | None = None
+        self._outcome: str | None = None
+        self.clock: Callable[[], float] = time.monotonic
+
+    def __call__(self) -> str | None:
+        with self._lock:
+            now = self.clock()
+            if self._at is None or now - self._at >= self._ttl:
+                self._outcome = self._probe()
+                self._at = self.clock()
+            return self._outcome
 
 
 class BackendRegistry:

@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 import hvac
 import hvac.exceptions
 
-from broker.backends.base import TOKEN_TYPE_VAULT, Credential
+from broker.backends.base import TOKEN_TYPE_VAULT, CachedProbe, Credential
 from broker.backends.vault_http import VaultTransport, VaultUnreachable
 from broker.errors import AccessDenied, BackendUnavailable, ConfigError, InvalidRequest
 from broker.grants.model import Grant
@@ -48,6 +48,14 @@ SUBJECT_METADATA_CHARS = 128
 """Vault keeps token metadata in every audit entry; a subject longer than this is cut."""
 MAX_CONNECTIONS = 64
 """Keep-alive connections to Vault kept open (at least the API's exchange threads)."""
+HEALTH_TIMEOUT_S = 2.0
+"""How long the readiness probe waits for ``sys/health``: an answer takes milliseconds."""
+_HEALTH_STATES = {
+    472: "a disaster-recovery secondary",
+    501: "not initialised",
+    503: "sealed",
+    530: "removed from its cluster",
+}
 
 # NOTE: no ``sudo`` (root-protected paths) and no ``deny``: a broker-issued token only ever gets
 # ordinary data capabilities. Listed in the order Vault's docs use, which is also render order.
@@ -449,17 +457,15 @@ class VaultBackend:
         self._source = token_source
         self._timeout = timeout
         self._verify = verify
+        self._transport = VaultTransport(verify, maxsize=MAX_CONNECTIONS)
         # NOTE: token="" (not None): hvac would otherwise pick up VAULT_TOKEN or ~/.vault-token.
         self._client = hvac.Client(
-            url=self.addr,
-            token="",
-            timeout=timeout,
-            verify=verify,
-            session=VaultTransport(verify, maxsize=MAX_CONNECTIONS),
+            url=self.addr, token="", timeout=timeout, verify=verify, session=self._transport
         )
         self._anonymous = self._as("")
         self._lock = threading.Lock()
         self._login: VaultLogin | None = None
+        self._health = CachedProbe(self._probe_health)
 
     # --- Backend protocol ---
 
@@ -576,13 +582,36 @@ class VaultBackend:
     # --- health ---
 
     def check(self) -> None:
-        """Log in and look the broker's own token up; for start-up and readiness checks.
+        """Log in and look the broker's own token up; for start-up (readiness: :meth:`ready`).
 
         Raises:
             ConfigError: the broker's token is a root token.
             BackendUnavailable: Vault is unreachable or refuses the broker's token.
         """
         self._authenticated()
+
+    def ready(self) -> str | None:
+        """None when Vault answers ``sys/health`` as an unsealed, initialised active or standby
+        node; else what is wrong. Cached (:class:`~broker.backends.base.CachedProbe`); waits
+        at most :data:`HEALTH_TIMEOUT_S`. Never raises."""
+        return self._health()
+
+    def _probe_health(self) -> str | None:
+        # Unauthenticated and cheap: no login, no token lookup. A standby node serves the
+        # broker through redirects, so it counts as ready.
+        try:
+            resp = self._transport.request(
+                "GET",
+                f"{self.addr}/v1/sys/health",
+                params={"standbyok": "true", "perfstandbyok": "true"},
+                timeout=HEALTH_TIMEOUT_S,
+            )
+        except OSError as exc:
+            return f"vault at {self.addr} is unreachable: {exc}"
+        if resp.status_code == 200:
+            return None
+        state = _HEALTH_STATES.get(resp.status_code, f"answering HTTP {resp.status_code}")
+        return f"vault at {self.addr} is {state} (sys/health)"
 
     def drift(self) -> list[str]:
         """How Vault differs from :attr:`plan` (policies and token role); empty when it agrees.

@@ -1,8 +1,11 @@
 """The ``broker`` command.
 
-Exit codes scripts can rely on: 0 success; 1 the broker refused (any 4xx: denied, invalid,
-not found, unauthenticated) or a policy decision other than allow; 2 usage or configuration
-error (bad flags, invalid policy file); 3 the broker is unreachable or unavailable (5xx).
+Exit codes scripts can rely on: 0 success; 1 the broker refused (any 4xx but approval_required:
+denied, invalid, not found, unauthenticated) or a policy decision of deny; 2 usage or
+configuration error (bad flags, a bad URL, a token where a file is expected, an invalid policy
+file); 3 the broker is unreachable or unavailable (5xx, or something other than the broker
+answered); 4 approval required (the error names the approval request; ``policy explain``: the
+decision needs approval). With ``--json`` an error is printed as JSON on standard error too.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from broker.client.http import BrokerClient, ClientError
+from broker.client.http import BrokerClient, ClientError, url_problem
 from broker.errors import BrokerError, ConfigError
 
-EXIT_OK, EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_APPROVAL = 0, 1, 2, 3, 4
 DEFAULT_URL = "http://127.0.0.1:8080"
+_JWT_SHAPE = re.compile(r"\s*eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\s*")
 TOKEN_TYPES = {
     "jwt": "urn:ietf:params:oauth:token-type:jwt",
     "vault": "urn:broker:token-type:vault-token",
@@ -50,22 +55,54 @@ def _fields(data: dict[str, Any]) -> str:
     )
 
 
-def _read_secret(path: str) -> str:
-    """A token from a file, or ``-`` for stdin (never from argv, where ``ps`` would show it)."""
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+def _read_secret(path: str, flag: str) -> str:
+    """A token from the file ``path``, or ``-`` for stdin (never from argv, where ``ps`` would
+    show it). Raises ConfigError, naming ``flag``, when ``path`` is a token itself or names no
+    file; the value is never echoed, since it may be a secret."""
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        file = Path(path)
+        if not file.exists():
+            if _JWT_SHAPE.fullmatch(path):
+                raise ConfigError(
+                    f"{flag} takes the path of a file holding the token (or - for stdin), "
+                    "and this is a token: write it to a file, or pipe it with "
+                    f"{flag} - (a token on the command line is visible to every user of "
+                    "this machine)"
+                )
+            raise ConfigError(
+                f"{flag}: no such file (give the path of a file holding the token, or - for stdin)"
+            )
+        text = file.read_text()
+    if not text.strip():
+        raise ConfigError(f"{flag}: {'stdin' if path == '-' else path} holds no token")
     return text.strip()
 
 
+def _url(args: argparse.Namespace) -> str:
+    """The broker's base URL from --url, else BROKER_URL, else the default. Raises ConfigError
+    naming where a URL without an http(s) scheme came from."""
+    url, source = args.url, "--url"
+    if url is None:
+        url, source = os.environ.get("BROKER_URL") or DEFAULT_URL, "BROKER_URL"
+    problem = url_problem(url)
+    if problem:
+        hint = f" (did you mean http://{url}?)" if "://" not in url else ""
+        raise ConfigError(f"{source} {url!r} is not a broker URL{hint}: {problem}")
+    return str(url)
+
+
 def _client(args: argparse.Namespace, *, bearer: bool = False) -> BrokerClient:
-    token = None
+    url, token = _url(args), None
     if bearer:
         if getattr(args, "bearer_file", None):
-            token = _read_secret(args.bearer_file)
+            token = _read_secret(args.bearer_file, "--bearer-file")
         else:
             token = os.environ.get("BROKER_TOKEN")
         if not token:
             raise ConfigError("this command needs your token: --bearer-file FILE or BROKER_TOKEN")
-    return BrokerClient(args.url, bearer=token)
+    return BrokerClient(url, bearer=token)
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -122,8 +159,9 @@ def _ttl(text: str) -> int:
 
 
 def cmd_token_exchange(args: argparse.Namespace) -> int:
-    subject_token = _read_secret(args.token)
-    result = _client(args).exchange(
+    client = _client(args)
+    subject_token = _read_secret(args.token, "--token")
+    result = client.exchange(
         subject_token,
         model=args.model,
         action=args.action,
@@ -139,7 +177,7 @@ def cmd_token_exchange(args: argparse.Namespace) -> int:
 
 
 def cmd_token_introspect(args: argparse.Namespace) -> int:
-    result = _client(args, bearer=True).introspect(_read_secret(args.token))
+    result = _client(args, bearer=True).introspect(_read_secret(args.token, "--token"))
     _out(args, result, lambda: _fields(result))
     return EXIT_OK if result.get("active") else EXIT_REFUSED
 
@@ -211,7 +249,7 @@ def cmd_approvals_request(args: argparse.Namespace) -> int:
             lineage = json.loads(args.lineage)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--lineage: not JSON ({exc.msg})") from None
-    client = BrokerClient(args.url, bearer=_read_secret(args.token))
+    client = BrokerClient(_url(args), bearer=_read_secret(args.token, "--token"))
     view = client.open_approval(
         model=args.model,
         action=args.action,
@@ -237,7 +275,7 @@ def cmd_approvals_show(args: argparse.Namespace) -> int:
 
 def cmd_approvals_review(args: argparse.Namespace) -> int:
     if args.approvals_cmd == "cancel":
-        client = BrokerClient(args.url, bearer=_read_secret(args.token))
+        client = BrokerClient(_url(args), bearer=_read_secret(args.token, "--token"))
     else:
         client = _client(args, bearer=True)
     view = client.act_on_approval(args.approval_id, args.approvals_cmd, args.reason)
@@ -324,11 +362,23 @@ def _aws_warnings(policy: Any) -> list[str]:
     return warnings
 
 
+def _dev_warnings(policy: Any) -> list[str]:
+    return [
+        f"issuers[{index}].dev: issuer {issuer.name!r} is a dev issuer: `broker serve` refuses "
+        "this policy without --dev"
+        for index, issuer in enumerate(policy.issuers)
+        if issuer.dev
+    ]
+
+
 def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Everything ``broker serve`` would check; dev issuers are a warning (``serve`` without
+    ``--dev`` refuses them), unless ``--dev`` says the policy is meant for a dev broker."""
     from broker.policy import load_policy
 
-    loaded = load_policy(Path(args.file), dev_mode=args.dev)
+    loaded = load_policy(Path(args.file), dev_mode=True)
     p = loaded.policy
+    warnings = ([] if args.dev else _dev_warnings(p)) + _aws_warnings(p)
     summary: dict[str, Any] = {
         "file": args.file,
         "digest": loaded.digest,
@@ -336,15 +386,14 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         "actions": len(p.actions),
         "models": len(p.models),
         "rules": len(p.rules),
-        "warnings": _aws_warnings(p),
+        "warnings": warnings,
     }
 
     def human() -> str:
-        lines = [
-            f"ok {args.file} {loaded.digest}",
-            _fields({k: v for k, v in summary.items() if k != "warnings"}),
-        ]
-        return "\n".join(lines + [f"warning: {w}" for w in summary["warnings"]])
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        counts = {k: v for k, v in summary.items() if k != "warnings"}
+        return "\n".join([f"ok {args.file} {loaded.digest}", _fields(counts)])
 
     _out(args, summary, human)
     return EXIT_OK
@@ -357,8 +406,8 @@ def cmd_aws_credential_process(args: argparse.Namespace) -> int:
 
     if not args.token_file:
         raise ConfigError("--token-file (or BROKER_SUBJECT_TOKEN_FILE) names the workload token")
-    result = BrokerClient(args.url).exchange(
-        _read_secret(args.token_file),
+    result = BrokerClient(_url(args)).exchange(
+        _read_secret(args.token_file, "--token-file"),
         model=args.model,
         action=args.action,
         requested_token_type=TOKEN_TYPES["aws"],
@@ -382,7 +431,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     loaded = load_policy(policy_file, dev_mode=args.dev)
     static = DevIssuer(Path(args.data_dir), loaded).static_key_sets() if args.dev else None
     verifier = Verifier(loaded.policy, JWKSCache(static=static), roles_for=loaded.roles_for)
-    identity = verifier.verify_workload(_read_secret(args.token))
+    identity = verifier.verify_workload(_read_secret(args.token, "--token"))
     decision = decide(loaded, identity, args.model, args.action, args.backend)
     data = {
         "outcome": str(decision.outcome),
@@ -405,7 +454,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         return "\n".join([head, *(f"  - {r}" for r in decision.reasons())])
 
     _out(args, data, human)
-    return EXIT_OK if decision.outcome is Outcome.ALLOW else EXIT_REFUSED
+    exits = {Outcome.ALLOW: EXIT_OK, Outcome.APPROVAL_REQUIRED: EXIT_APPROVAL}
+    return exits.get(decision.outcome, EXIT_REFUSED)
 
 
 def _open_log(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -525,17 +575,19 @@ def cmd_audit_proof(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, url: bool = True, bearer: bool = False) -> None:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     if url:
-        p.add_argument(
-            "--url", default=os.environ.get("BROKER_URL", DEFAULT_URL), help="broker base URL"
-        )
+        _url_flag(p)
     if bearer:
         p.add_argument(
             "--bearer-file", help="file holding your own OIDC token (default: $BROKER_TOKEN)"
         )
 
 
+def _url_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help=f"broker base URL (default: $BROKER_URL, else {DEFAULT_URL})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="broker", description="The model-credential broker.")
+    parser = _Parser(prog="broker", description="The model-credential broker.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the broker")
@@ -666,9 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ttl", help="requested lifetime, at least 15m (AWS's minimum)")
     p.add_argument("--reason")
-    p.add_argument(
-        "--url", default=os.environ.get("BROKER_URL", DEFAULT_URL), help="broker base URL"
-    )
+    _url_flag(p)
     p.set_defaults(func=cmd_aws_credential_process)
 
     p = sub.add_parser("reconcile", help="revoke backend credentials that no active grant owns")
@@ -721,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = pol.add_parser("check", help="validate a policy file")
     p.add_argument("file")
-    p.add_argument("--dev", action="store_true", help="allow dev issuers")
+    p.add_argument("--dev", action="store_true", help="a policy for --dev: no dev-issuer warning")
     _common(p, url=False)
     p.set_defaults(func=cmd_policy_check)
     p = pol.add_parser("explain", help="why would this token get / not get this credential")
@@ -737,24 +787,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors come out as JSON when the command line asks for --json."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if not self.json_errors:
+            super().error(message)
+        _print_error({"error": "usage_error", "error_description": f"{self.prog}: {message}"})
+        raise SystemExit(EXIT_CONFIG)
+
+
+def _print_error(body: dict[str, Any]) -> None:
+    print(json.dumps(body, sort_keys=True), file=sys.stderr)
+
+
+def _approval_hint(exc: ClientError) -> str:
+    approval_id = exc.fields.get("approval_id")
+    if not approval_id:
+        return ""
+    return (
+        f"\napproval request {approval_id}: once approved (broker approvals show {approval_id}), "
+        f"run the same exchange again with --approval-id {approval_id}"
+    )
+
+
+def _failed(args: argparse.Namespace, exc: Exception) -> int:
+    """Print ``exc`` (as JSON with --json) on stderr; the exit code for it."""
+    if isinstance(exc, ClientError):
+        if exc.code == "approval_required":
+            code = EXIT_APPROVAL
+        elif exc.status is None or exc.status >= 500:
+            code = EXIT_UNAVAILABLE
+        else:
+            code = EXIT_REFUSED
+        body, human = exc.to_wire(), f"error: {exc.code}: {exc.description}{_approval_hint(exc)}"
+    elif isinstance(exc, ConfigError):
+        code, human = EXIT_CONFIG, f"error: {exc.description}"
+        body = {"error": "usage_error", "error_description": exc.description}
+    elif isinstance(exc, BrokerError):
+        code, human = EXIT_REFUSED, f"error: {exc.code}: {exc.description}"
+        body = exc.to_wire()
+    else:
+        assert isinstance(exc, OSError)
+        where = f"{exc.filename}: " if exc.filename else ""
+        code, human = EXIT_CONFIG, f"error: {where}{exc.strerror or exc}"
+        body = {"error": "usage_error", "error_description": human.removeprefix("error: ")}
+    if getattr(args, "json", False):
+        _print_error(body)
+    else:
+        print(human, file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in argv
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
         return code
-    except ClientError as exc:
-        print(f"error: {exc.code}: {exc.description}", file=sys.stderr)
-        unavailable = exc.status is None or exc.status >= 500
-        return EXIT_UNAVAILABLE if unavailable else EXIT_REFUSED
-    except ConfigError as exc:
-        print(f"error: {exc.description}", file=sys.stderr)
-        return EXIT_CONFIG
-    except BrokerError as exc:
-        print(f"error: {exc.code}: {exc.description}", file=sys.stderr)
-        return EXIT_REFUSED
-    except OSError as exc:
-        print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
-        return EXIT_CONFIG
+    except (ClientError, BrokerError, OSError) as exc:
+        return _failed(args, exc)
 
 
 if __name__ == "__main__":

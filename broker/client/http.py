@@ -1,29 +1,74 @@
-"""HTTP client for the broker API. Errors carry the wire code and description."""
+"""HTTP client for the broker API. Errors carry the wire code and description.
+
+NOTE: the CLI imports this module on every command, so it stays lean: httpx and the standard
+library only, nothing of the server (FastAPI, SQLAlchemy, hvac, boto3).
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from broker.backends.base import TOKEN_TYPE_JWT
-
 SUBJECT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 (a URN, not a secret)
+TOKEN_TYPE_JWT = SUBJECT_TOKEN_TYPE
+"""The broker JWT (``broker.backends.base.TOKEN_TYPE_JWT``, not imported: see the note above)."""
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+MAX_EXCERPT_CHARS = 200
+"""How much of an answer that is not the broker's JSON an error quotes."""
 
 
 class ClientError(Exception):
-    """The broker refused (``status`` 4xx/5xx) or could not be reached (``status`` None)."""
+    """The broker refused (``status`` 4xx/5xx), could not be reached (``status`` None), or
+    something else answered. ``fields`` are the error body's other members (``approval_id``,
+    ``reasons``, ...)."""
 
-    def __init__(self, status: int | None, code: str, description: str) -> None:
+    def __init__(
+        self,
+        status: int | None,
+        code: str,
+        description: str,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(f"{code}: {description}")
         self.status = status
         self.code = code
         self.description = description
+        self.fields = fields or {}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error as the broker's JSON error shape, plus ``status`` when there was one."""
+        body: dict[str, Any] = {"error": self.code, "error_description": self.description}
+        if self.status is not None:
+            body["status"] = self.status
+        return {**self.fields, **body}
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the broker's base URL, or None. (``localhost:8080`` parses as
+    scheme ``localhost``: without this check it would only fail as "unreachable".)"""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "expected a URL such as http://127.0.0.1:8080 or https://broker.example.com"
+    return None
+
+
+def _excerpt(resp: httpx.Response) -> str:
+    """A short, one-line excerpt of an answer that is not the broker's JSON."""
+    text = " ".join(resp.text.split())
+    if not text:
+        return "(empty body)"
+    return text if len(text) <= MAX_EXCERPT_CHARS else text[:MAX_EXCERPT_CHARS] + "..."
 
 
 class BrokerClient:
     def __init__(self, url: str, *, bearer: str | None = None, timeout: float = 30.0) -> None:
+        """Raises ValueError when ``url`` is not an http(s) URL (:func:`url_problem`)."""
+        problem = url_problem(url)
+        if problem:
+            raise ValueError(problem)
         headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
@@ -31,18 +76,34 @@ class BrokerClient:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        request = self._http.build_request(method, path, **kwargs)
+        where = f"{method} {request.url}"
         try:
-            resp = self._http.request(method, path, **kwargs)
+            resp = self._http.send(request)
         except httpx.HTTPError as exc:
-            raise ClientError(None, "unreachable", f"{self._http.base_url}: {exc}") from None
+            raise ClientError(None, "unreachable", f"{where}: {exc}") from None
         try:
             body = resp.json()
         except ValueError:
-            body = {}
+            body = None
+        answered = f"{where} answered {resp.status_code} {resp.reason_phrase}".rstrip()
+        if not isinstance(body, dict):
+            if resp.status_code >= 400:
+                code = f"http_{resp.status_code}"
+                raise ClientError(resp.status_code, code, f"{answered}: {_excerpt(resp)}")
+            raise ClientError(
+                None, "not_a_broker", f"{answered} without a JSON object: {_excerpt(resp)}"
+            )
         if resp.status_code >= 400:
-            code = str(body.get("error", f"http_{resp.status_code}"))
-            raise ClientError(resp.status_code, code, str(body.get("error_description", "")))
-        assert isinstance(body, dict)
+            if "error" not in body:  # not the broker's error shape (a proxy, another server)
+                shown = body.get("detail") or json.dumps(body)
+                text = str(shown)[:MAX_EXCERPT_CHARS]
+                raise ClientError(
+                    resp.status_code, f"http_{resp.status_code}", f"{answered}: {text}"
+                )
+            fields = {k: v for k, v in body.items() if k not in ("error", "error_description")}
+            description = str(body.get("error_description") or answered)
+            raise ClientError(resp.status_code, str(body["error"]), description, fields)
         return body
 
     def dev_token(self, **fields: Any) -> str:

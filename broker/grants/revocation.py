@@ -4,6 +4,10 @@ confirms (across restarts), and a reconciler for backend credentials that no act
 Every attempt's outcome is an audit event: ``grant.backend_revocation_confirmed`` or
 ``grant.backend_revocation_failed`` (with ``retry_at``, or ``permanent: true``), and
 ``reconcile.revoked`` for an orphan the reconciler removed.
+
+A job whose target is already gone ends ``confirmed``: the backends count revoking a credential
+that no longer exists as confirmed, and the reconciler attempts the jobs of the grants whose
+credentials it removed at once, rather than leaving them for their retry.
 """
 
 from __future__ import annotations
@@ -96,6 +100,14 @@ class Revocations:
                 confirmed = backend.revoke(grant, ref)
         except BrokerError as exc:
             confirmed, error = False, exc
+        except Exception as exc:
+            # NOTE: a bug in one backend call must not escape: jobs are attempted in id order,
+            # so it would stop every job behind this one, round after round, for good.
+            log.exception("revocation of grant %s at %s raised", grant.id, backend_name)
+            confirmed = False
+            error = TemporarilyUnavailable(
+                f"the {backend_name} backend failed unexpectedly ({type(exc).__name__})"
+            )
         retry = error is None or isinstance(error, TemporarilyUnavailable)
         now = self.clock()
         with self.store.write() as session:
@@ -165,7 +177,11 @@ class Revocations:
     def reconcile(self, *, min_age_s: int = 60) -> list[dict[str, Any]]:
         """Revoke every backend credential carrying broker metadata whose grant is not active
         (unknown, revoked, expired, failed, or stuck ``issuing``). ``min_age_s`` spares
-        credentials whose grant may still be committing. Returns what was revoked."""
+        credentials whose grant may still be committing. Returns what was revoked.
+
+        Then attempts the revocation jobs still pending for those grants (a revocation whose
+        backend was down, say), due or not: their target is gone, so they end confirmed now
+        instead of pending until their next retry."""
         removed = []
         for backend in self.backends().all():
             if not getattr(backend, "external", False) or not isinstance(backend, Reconcilable):
@@ -187,6 +203,9 @@ class Revocations:
                         session, "reconcile.revoked", self.clock(), item, grant_id=grant_id
                     )
                 removed.append(item)
+        gone = sorted({str(item["grant_id"]) for item in removed if item["confirmed"]})
+        for start in range(0, len(gone), BATCH):
+            self.process(gone[start : start + BATCH])
         return removed
 
     def prune(self) -> None:

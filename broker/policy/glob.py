@@ -5,6 +5,7 @@ The syntax is deliberately tiny:
 * ``*`` matches any run of characters except ``/`` and ``:`` (possibly empty);
 * ``**`` matches any run of characters, ``/`` and ``:`` included (possibly empty);
 * ``?`` matches exactly one character except ``/`` and ``:``;
+* no wildcard ever matches a control character (U+0000-U+001F, U+007F-U+009F);
 * every other character matches itself. There are no character classes, braces or escapes,
   and regex metacharacters are literal.
 
@@ -15,15 +16,21 @@ NOTE: ``*`` stops at ``/`` and ``:`` because those separate the fields of worklo
 crossed them, ``repo:acme/*:ref:refs/heads/main`` would also match
 ``repo:acme/x:environment:prod:ref:refs/heads/main`` — a subject an attacker can shape by naming
 a repository or environment. Crossing separators has to be asked for explicitly with ``**``.
+
+NOTE: no wildcard matches a control character either: a newline, NUL or DEL in a subject (or a
+model or dataset name) is never what a pattern's author meant, and such a value would read
+differently in logs and terminals than it compares (``evals\nrepo:acme/prod`` shown on two
+lines). A control character in the pattern itself still matches itself.
 """
 
 from __future__ import annotations
 
 import re
 
-_STAR = "[^/:]*"
-_DOUBLE_STAR = ".*"
-_QUESTION = "[^/:]"
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_STAR = f"[^/:{_CONTROL}]*"
+_DOUBLE_STAR = f"[^{_CONTROL}]*"
+_QUESTION = f"[^/:{_CONTROL}]"
 
 
 def is_glob(pattern: str) -> bool:
@@ -53,8 +60,7 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
         else:
             parts.append(re.escape(char))
         i += 1
-    # DOTALL: ``**`` means *any* character; a newline must not be a way to escape a pattern.
-    return re.compile("".join(parts), re.DOTALL)
+    return re.compile("".join(parts))
 
 
 def glob_matches(pattern: re.Pattern[str], value: str) -> bool:

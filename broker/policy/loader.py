@@ -9,6 +9,7 @@ have to reject half-way through a request. Every problem becomes a
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -188,12 +189,38 @@ def _validate(data: dict[str, Any], source: str) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
+        # NOTE: a misspelt key (``max_tll``) is two errors: the unknown key and the field it was
+        # meant to be, now missing. The unknown key is the cause, so it is reported first, with
+        # the missing field it most likely meant; "max_ttl is missing" alone would mislead.
+        errors = sorted(
+            exc.errors(include_url=False), key=lambda e: _REPORT_ORDER.get(e["type"], 1)
+        )
         first = errors[0]
         message = _describe_validation_error(first)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s) after fixing this one)"
+        rest = errors[1:]
+        if first["type"] == "extra_forbidden":
+            meant = _meant_field(first, rest)
+            if meant is not None:
+                message = message.replace("; ", f" (did you mean {meant['loc'][-1]!r}?); ", 1)
+                rest = [e for e in rest if e is not meant]
+        if rest:
+            message += f" (and {len(rest)} more problem(s) after fixing this one)"
         raise PolicyError(source, _format_loc(first["loc"]), message) from exc
+
+
+_REPORT_ORDER = {"extra_forbidden": 0, "missing": 2}
+"""Unknown keys first, missing fields last, everything else in between (in document order)."""
+
+
+def _meant_field(unknown: ErrorDetails, others: Sequence[ErrorDetails]) -> ErrorDetails | None:
+    """The missing field beside ``unknown`` whose name is closest to it, if any is close."""
+    missing = {
+        str(e["loc"][-1]): e
+        for e in others
+        if e["type"] == "missing" and e["loc"][:-1] == unknown["loc"][:-1]
+    }
+    close = difflib.get_close_matches(str(unknown["loc"][-1]), list(missing), n=1, cutoff=0.6)
+    return missing[close[0]] if close else None
 
 
 def _format_loc(loc: Sequence[int | str]) -> str:

@@ -7,6 +7,7 @@ nothing was recorded, so nothing may be issued.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.errors import AuditUnavailable
+from broker.store.files import create_owner_only, owner_only
 
 log = logging.getLogger("broker.store")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -29,10 +31,34 @@ is opened without importing Alembic, which would cost the server ~11 MB for noth
 SqliteSync = Literal["FULL", "NORMAL"]
 BUSY_TIMEOUT_S = 10
 """How long a writer waits for the write lock (this process's, then SQLite's) before failing."""
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+"""Bytes of ``-wal`` file SQLite keeps after a checkpoint reset it (``journal_size_limit``);
+the default, -1, keeps the file at its largest size ever."""
+CHECKPOINT_BUSY_MS = 250
+"""How long a WAL truncation waits for readers to leave the log. Writers of this process wait
+meanwhile, so it is short: a truncation that cannot finish is tried again next round."""
 
 
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'broker.db').resolve()}"
+
+
+def _secure_sqlite_files(database: str | None) -> None:
+    """The database file and its ``-wal`` and ``-shm`` are 0600 whatever the umask.
+
+    NOTE: SQLite creates files 0644 (less the umask), yet the database holds the audit log, the
+    grants and the spent token ids. Creating the file 0600 first is enough for the others:
+    SQLite gives a new ``-wal`` and ``-shm`` the database file's own mode. Ones left by an
+    earlier version are tightened here.
+    """
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    create_owner_only(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        sidecar = path.with_name(path.name + suffix)
+        if sidecar.exists():
+            owner_only(sidecar, 0o600)
 
 
 def _sqlite_setup(engine: Engine, synchronous: SqliteSync) -> None:
@@ -46,6 +72,7 @@ def _sqlite_setup(engine: Engine, synchronous: SqliteSync) -> None:
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -82,6 +109,7 @@ class Store:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine = create_engine(url, **kwargs)
         if is_sqlite:
+            _secure_sqlite_files(self.engine.url.database)
             _sqlite_setup(self.engine, sqlite_synchronous)
         self._writer = sessionmaker(self.engine, expire_on_commit=False)
         self._reader = sessionmaker(
@@ -92,6 +120,7 @@ class Store:
         # processes still meet BEGIN IMMEDIATE and busy_timeout. PostgreSQL needs no lock: its
         # row lock on log_head serialises appenders, and other writes may run in parallel.
         self._write_lock = threading.Lock() if is_sqlite else None
+        self._is_sqlite = is_sqlite
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
@@ -142,6 +171,64 @@ class Store:
             yield
         finally:
             lock.release()
+
+    def probe_write(self) -> str | None:
+        """None when a write transaction can commit now; else why not (``the store cannot
+        write (OperationalError: database or disk is full)``). For readiness: cheap, one tiny
+        commit. Never raises.
+
+        NOTE: a transaction that rolls back proves little: SQLite writes nothing to disk for
+        it, so it succeeds on a full disk. On SQLite this commits a rewrite of the database
+        header's ``user_version`` (unused by the broker and by Alembic) with its own value:
+        one WAL frame and one fsync, and it fails exactly when an exchange's commit would need
+        new space. On PostgreSQL it checks that the session may write (not a read-only
+        standby); disk space is for the database server's own monitoring.
+        """
+        try:
+            with self.transaction() as conn:
+                if self._is_sqlite:
+                    version = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+                    conn.exec_driver_sql(f"PRAGMA user_version = {version}")
+                elif conn.exec_driver_sql("SHOW transaction_read_only").scalar() != "off":
+                    return "the store is read-only (a standby database?)"
+        except AuditUnavailable as exc:
+            cause = getattr(exc.__cause__, "orig", None) or exc.__cause__
+            if cause is None:  # this process's write lock timed out: the description says so
+                return exc.description
+            said = str(cause).strip().splitlines()
+            return (
+                f"the store cannot write ({type(cause).__name__}: {said[0][:200] if said else ''})"
+            )
+        return None
+
+    def truncate_wal(self) -> bool:
+        """Copy SQLite's write-ahead log into the database and truncate the ``-wal`` file to
+        zero bytes. True when it did (or there is no WAL: PostgreSQL); False when a reader
+        kept it from finishing within :data:`CHECKPOINT_BUSY_MS`: the next round retries.
+
+        NOTE: SQLite checkpoints on its own (``wal_autocheckpoint``), but those checkpoints
+        never shrink the file, and a reader holding an old snapshot (a long ``broker audit
+        verify``) makes them stop short, so the file grows. Raises AuditUnavailable.
+        """
+        if not self._is_sqlite:
+            return True
+        with self._one_writer(), _fail_closed():
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
+                try:
+                    busy, _log_frames, _done = cur.execute(
+                        "PRAGMA wal_checkpoint(TRUNCATE)"
+                    ).fetchone()
+                finally:
+                    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+                    cur.close()
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(f"the store is unavailable ({type(exc).__name__})") from exc
+            finally:
+                raw.close()
+        return bool(busy == 0)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

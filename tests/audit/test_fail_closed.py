@@ -3,12 +3,9 @@ credential exists. The store really fails (a full filesystem, a database at its 
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
 
@@ -16,7 +13,7 @@ from broker.api.app import create_app
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.tables import GrantRow
-from tests.conftest import eval_token, exchange_form
+from tests.conftest import eval_token, exchange_form, fill_disk
 
 
 def _sqlite(broker: Broker, sql: str) -> Any:
@@ -43,24 +40,6 @@ def _assert_refused_without_grant(client: TestClient, broker: Broker) -> None:
     assert _grants(broker) == before
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small-fs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); see the page-limit test")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_full_filesystem_issues_nothing(small_fs: Path) -> None:
     broker = build_broker(Settings(dev=True, data_dir=small_fs / "data", policy=EXAMPLE_POLICY))
     with TestClient(create_app(broker=broker)) as client:
@@ -68,13 +47,7 @@ def test_full_filesystem_issues_nothing(small_fs: Path) -> None:
         # Empty the WAL so that the next write needs new space on the disk.
         _sqlite(broker, "PRAGMA wal_checkpoint(TRUNCATE)")
         filler = small_fs / "filler"
-        with filler.open("wb") as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass  # ENOSPC: the disk is full
+        fill_disk(filler)
         _assert_refused_without_grant(client, broker)
         filler.unlink()
         # Space again: the broker recovers without a restart.

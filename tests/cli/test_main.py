@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from broker.api.app import create_app
 from broker.cli.main import main
-from broker.runtime import Broker
-from broker.settings import EXAMPLE_POLICY
-from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, LiveServer
+from broker.runtime import Broker, build_broker
+from broker.settings import EXAMPLE_POLICY, Settings
+from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, LiveServer, free_port
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -93,7 +99,119 @@ def test_walk_through(
 
 def test_unreachable_broker_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "dev", "token", "--sub", "x", "--url", "http://127.0.0.1:9")
-    assert code == 3 and "unreachable" in err
+    assert code == 3 and "unreachable" in err and "POST http://127.0.0.1:9/dev/token" in err
+
+
+@pytest.mark.parametrize("url", ["localhost:8080", "127.0.0.1:8080", "ftp://broker.example"])
+def test_a_url_without_an_http_scheme_is_a_usage_error(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run(capsys, "dev", "token", "--sub", "x", "--url", url)
+    assert code == 2 and err.startswith(f"error: --url {url!r} is not a broker URL")
+    monkeypatch.setenv("BROKER_URL", url)
+    code, _, err = run(capsys, "grants", "list", "--bearer-file", "-")
+    assert code == 2 and err.startswith(f"error: BROKER_URL {url!r} is not a broker URL")
+    if "://" not in url:
+        assert f"did you mean http://{url}?" in err
+
+
+def test_a_token_where_a_file_is_expected_is_named_not_echoed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJyZXBvOmFjbWUvZXZhbHMifQ.c2lnbmF0dXJl"
+    common = ("--model", "llama-7b", "--action", "evaluate", "--url", "http://127.0.0.1:9")
+    code, _, err = run(capsys, "token", "exchange", "--token", token, *common)
+    assert code == 2 and "--token takes the path of a file" in err and "this is a token" in err
+    assert token not in err and "eyJ" not in err
+    code, _, err = run(capsys, "token", "exchange", "--token", "hvs.not-a-file", *common)
+    assert code == 2 and "--token: no such file" in err and "hvs." not in err
+    code, _, err = run(capsys, "grants", "list", "--bearer-file", token, "--url", "http://x")
+    assert code == 2 and "--bearer-file takes the path of a file" in err and token not in err
+
+
+def test_json_errors_are_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(
+        capsys, "dev", "token", "--sub", "x", "--url", "http://127.0.0.1:9", "--json"
+    )
+    assert code == 3 and out == ""
+    body = json.loads(err)
+    assert body["error"] == "unreachable" and "127.0.0.1:9" in body["error_description"]
+    code, _, err = run(capsys, "dev", "token", "--sub", "x", "--url", "localhost:1", "--json")
+    assert code == 2 and json.loads(err)["error"] == "usage_error"
+    with pytest.raises(SystemExit) as exited:  # argparse's own usage errors, too
+        main(["token", "exchange", "--model", "m", "--json"])
+    assert exited.value.code == 2
+    body = json.loads(capsys.readouterr().err)
+    assert body["error"] == "usage_error" and "--token" in body["error_description"]
+    missing = tmp_path / "none.yaml"
+    code, _, err = run(capsys, "policy", "check", str(missing), "--json")
+    assert code == 2 and str(missing) in json.loads(err)["error_description"]
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """Something that is not the broker: a proxy's HTML error page, or a web page."""
+
+    def do_POST(self) -> None:
+        status, body = (502, b"<html><body><h1>502 Bad Gateway</h1></body></html>\n")
+        if self.path.startswith("/ok"):
+            status, body = 200, b"<html>welcome</html>"
+        elif self.path.startswith("/empty"):
+            status, body = 500, b""
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def not_a_broker() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_errors_say_what_was_reached_and_what_came_back(
+    not_a_broker: str, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "dev", "token", "--sub", "x", "--url", not_a_broker)
+    assert code == 3
+    assert err == (
+        f"error: http_502: POST {not_a_broker}/dev/token answered 502 Bad Gateway: "
+        "<html><body><h1>502 Bad Gateway</h1></body></html>\n"
+    )
+    code, _, err = run(capsys, "dev", "token", "--sub", "x", "--url", f"{not_a_broker}/empty")
+    assert code == 3 and err == (
+        f"error: http_500: POST {not_a_broker}/empty/dev/token answered 500 Internal Server "
+        "Error: (empty body)\n"
+    )
+    code, _, err = run(capsys, "dev", "token", "--sub", "x", "--url", f"{not_a_broker}/ok")
+    assert code == 3 and err.startswith("error: not_a_broker: POST ")
+    assert "answered 200 OK without a JSON object: <html>welcome</html>" in err
+
+    # A broker without dev mode has no /dev/token: FastAPI's own 404, not the broker's shape.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "issuers:\n  - {name: ci, issuer: 'https://ci.example.com', audiences: [a],"
+        " jwks_uri: 'https://ci.example.com/jwks'}\n"
+        "actions:\n  evaluate: {tier: low, max_ttl: 1h}\nmodels:\n  m: {}\n"
+    )
+    port = free_port()
+    broker = build_broker(Settings(policy=policy, data_dir=data_dir, port=port))
+    with LiveServer(create_app(broker=broker), port) as server:
+        code, _, err = run(capsys, "dev", "token", "--sub", "x", "--url", server.url)
+    assert code == 1
+    assert (
+        err == f"error: http_404: POST {server.url}/dev/token answered 404 Not Found: Not Found\n"
+    )
 
 
 def test_admin_commands_need_a_token(
@@ -105,14 +223,42 @@ def test_admin_commands_need_a_token(
 
 
 def test_policy_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "policy", "check", str(EXAMPLE_POLICY), "--dev", "--json")
+    code, out, err = run(capsys, "policy", "check", str(EXAMPLE_POLICY), "--dev", "--json")
     assert code == 0 and json.loads(out)["digest"].startswith("sha256:")
-    code, _, err = run(capsys, "policy", "check", str(EXAMPLE_POLICY))
-    assert code == 2 and "--dev" in err
+    assert json.loads(out)["warnings"] == [] and err == ""
     bad = tmp_path / "bad.yaml"
     bad.write_text(EXAMPLE_POLICY.read_text().replace("max_ttl: 1h", "max_ttl: soon", 1))
     code, _, err = run(capsys, "policy", "check", str(bad), "--dev")
     assert code == 2 and str(bad) in err and "max_ttl" in err
+
+
+def test_policy_check_of_the_example_warns_about_its_dev_issuers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As examples/policy.yaml's header says: `broker policy check examples/policy.yaml`."""
+    code, out, err = run(capsys, "policy", "check", str(EXAMPLE_POLICY))
+    assert code == 0 and out.startswith(f"ok {EXAMPLE_POLICY} sha256:")
+    assert err.splitlines() == [
+        f"warning: issuers[{i}].dev: issuer {name!r} is a dev issuer: `broker serve` refuses "
+        "this policy without --dev"
+        for i, name in ((3, "dev"), (4, "dev-people"))
+    ]
+    code, out, _ = run(capsys, "policy", "check", str(EXAMPLE_POLICY), "--json")
+    assert code == 0 and len(json.loads(out)["warnings"]) == 2
+
+
+def test_policy_check_names_a_misspelt_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(EXAMPLE_POLICY.read_text().replace("max_ttl: 1h}", "max_tll: 1h}", 1))
+    (tmp_path / "keys").symlink_to(EXAMPLE_POLICY.parent / "keys")
+    code, _, err = run(capsys, "policy", "check", str(typo))
+    assert code == 2
+    assert err == (
+        f"error: {typo}: actions.evaluate.max_tll: unknown field 'max_tll' (did you mean "
+        "'max_ttl'?); docs/policy.md lists the fields allowed here\n"
+    )
 
 
 def test_policy_explain(
@@ -193,3 +339,56 @@ def test_approvals_walk_through(
     )
     code, _, err = run(capsys, "approvals", "deny", approval_id, "--reason", "late", *url)
     assert code == 1 and "already used" in err
+
+
+def test_approval_required_has_its_own_exit_code_and_names_the_request(
+    live_broker: tuple[LiveServer, Broker], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, broker = live_broker
+    assert broker.dev_issuer is not None
+    k8s = {"kubernetes.io": {"namespace": "training", "serviceaccount": {"name": "t", "uid": "u"}}}
+    job = tmp_path / "job.jwt"
+    common = ("--model", "llama-7b", "--action", "fine-tune", "--url", server.url)
+    lineage = ("--lineage", '{"datasets": ["s3://datasets/approved/x"]}')
+    job.write_text(broker.dev_issuer.mint(sub="system:serviceaccount:training:t", claims=k8s))
+    code, _, err = run(capsys, "token", "exchange", "--token", str(job), *common, *lineage)
+    assert code == 4
+    [approval] = broker.approvals.find(status="pending")
+    approval_id = approval["id"]
+    assert err.startswith("error: approval_required: ")
+    assert f"approval request {approval_id}: once approved" in err
+    assert f"--approval-id {approval_id}" in err
+
+    job.write_text(broker.dev_issuer.mint(sub="system:serviceaccount:training:t", claims=k8s))
+    code, _, err = run(
+        capsys, "token", "exchange", "--token", str(job), *common, *lineage, "--json"
+    )
+    assert code == 4
+    body = json.loads(err)
+    assert body["error"] == "approval_required" and body["approval_id"] == approval_id
+    assert body["status"] == 403
+
+
+def test_policy_explain_exits_4_when_the_decision_needs_approval(
+    broker: Broker, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert broker.dev_issuer is not None
+    k8s = {"kubernetes.io": {"namespace": "training", "serviceaccount": {"name": "t", "uid": "u"}}}
+    job = tmp_path / "job.jwt"
+    job.write_text(broker.dev_issuer.mint(sub="system:serviceaccount:training:t", claims=k8s))
+    common = ("--model", "llama-7b", "--action", "fine-tune", "--dev", "--data-dir", str(data_dir))
+    code, out, _ = run(capsys, "policy", "explain", "--token", str(job), *common, "--json")
+    assert code == 4 and json.loads(out)["outcome"] == "approval_required"
+
+
+def test_the_cli_loads_nothing_of_the_server() -> None:
+    """Every command imports broker.cli.main and broker.client; they stay lean."""
+    probe = (
+        "import sys, broker.cli.main; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'fastapi', 'starlette', 'sqlalchemy', 'hvac', 'boto3', 'botocore', 'uvicorn'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

@@ -70,8 +70,25 @@ def test_regex_metacharacters_are_literal(pattern: str, literal: str, other: str
     assert not matches(pattern, other)
 
 
-def test_double_star_matches_newlines_too() -> None:
-    assert matches("a**b", "a\nb")
+@pytest.mark.parametrize("control", ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85"])
+@pytest.mark.parametrize(
+    ("pattern", "value"),
+    [
+        ("repo:acme/*:ref:refs/heads/main", "repo:acme/ev{c}als:ref:refs/heads/main"),
+        ("repo:acme/*", "repo:acme/evals{c}"),
+        ("system:serviceaccount:training:*", "system:serviceaccount:training:{c}"),
+        ("repo:acme/**", "repo:acme/evals:ref:refs/heads/main{c}repo:acme/prod"),
+        ("a?b", "a{c}b"),
+        ("llama-*", "llama-7b{c}"),
+    ],
+)
+def test_no_wildcard_matches_a_control_character(pattern: str, value: str, control: str) -> None:
+    assert matches(pattern, value.replace("{c}", "x"))
+    assert not matches(pattern, value.replace("{c}", control))
+
+
+def test_a_control_character_in_the_pattern_matches_itself() -> None:
+    assert matches("a\nb*", "a\nbc")
 
 
 def test_is_glob() -> None:

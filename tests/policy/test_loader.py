@@ -320,6 +320,34 @@ def test_missing_field(parse: Any, policy_doc: Any) -> None:
     assert (error.path, error.message) == ("rules[1].models", "required field is missing")
 
 
+def test_a_misspelt_key_is_named_before_the_field_it_left_missing(
+    parse: Any, policy_doc: Any
+) -> None:
+    action = policy_doc["actions"]["fine-tune"]
+    action["max_tll"] = action.pop("max_ttl")
+
+    error = policy_error(parse, policy_doc)
+
+    assert error.path == "actions.fine-tune.max_tll"
+    assert error.message == (
+        "unknown field 'max_tll' (did you mean 'max_ttl'?); docs/policy.md lists the fields "
+        "allowed here"
+    )
+
+
+def test_an_unknown_key_comes_first_and_other_problems_are_counted(
+    parse: Any, policy_doc: Any
+) -> None:
+    del policy_doc["rules"][0]["models"]
+    policy_doc["rules"][1]["colour"] = "blue"
+
+    error = policy_error(parse, policy_doc)
+
+    assert error.path == "rules[1].colour"
+    assert error.message.startswith("unknown field 'colour'; ")  # nothing close is missing
+    assert error.message.endswith("(and 1 more problem(s) after fixing this one)")
+
+
 def test_more_problems_are_counted(parse: Any, policy_doc: Any) -> None:
     del policy_doc["rules"][0]["models"]
     del policy_doc["rules"][1]["actions"]

@@ -4,9 +4,12 @@ take turns, and group commits answer only after their commit."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sqlite3
+import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +18,20 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event, insert, select, text
+from sqlalchemy import Connection, delete, event, insert, select, text
 from sqlalchemy.exc import OperationalError
 
 from broker.audit.log import AuditLog
 from broker.errors import AuditUnavailable, InvalidRequest
-from broker.store.db import HEAD_REVISION, MIGRATIONS, GroupCommit, Steps, Store, sqlite_url
+from broker.store.db import (
+    HEAD_REVISION,
+    MIGRATIONS,
+    WAL_SIZE_LIMIT,
+    GroupCommit,
+    Steps,
+    Store,
+    sqlite_url,
+)
 from broker.store.tables import Base, EventRow, UsedTokenRow
 
 NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
@@ -301,3 +312,97 @@ def test_submit_reports_after_the_commit_from_the_writer(store: Store) -> None:
     group.close()
     with pytest.raises(AuditUnavailable, match="shutting down"):
         group.submit("late", done_for("late"))
+
+
+@pytest.fixture(params=[0o022, 0o000], ids=["umask-022", "umask-000"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_database_files_are_owner_only_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    store = Store(sqlite_url(tmp_path))
+    try:
+        store.migrate()
+        with store.write() as s:
+            s.add(UsedTokenRow(issuer="i", jti="j", expires_at=NOW))
+        files = [tmp_path / f"broker.db{suffix}" for suffix in ("", "-wal", "-shm")]
+        assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        store.close()
+
+
+def test_database_files_left_readable_are_tightened(tmp_path: Path, umask: int) -> None:
+    first = Store(sqlite_url(tmp_path))
+    first.migrate()
+    first.close()
+    (tmp_path / "broker.db").chmod(0o644)  # as versions before 0600 left it
+    (tmp_path / "broker.db-wal").touch(mode=0o644)
+    second = Store(sqlite_url(tmp_path))
+    try:
+        assert _mode(tmp_path / "broker.db") == 0o600
+        assert _mode(tmp_path / "broker.db-wal") == 0o600
+    finally:
+        second.close()
+
+
+def _fill(store: Store, rows: int) -> None:
+    """Write ``rows`` rows of ~1 KB in one transaction (a few MB of WAL)."""
+    with store.write() as s:
+        s.execute(
+            insert(UsedTokenRow),
+            [
+                {"issuer": "i", "jti": f"{n:06d}" + "x" * 999, "expires_at": NOW}
+                for n in range(rows)
+            ],
+        )
+
+
+def _wal_bytes(tmp_path: Path) -> int:
+    wal = tmp_path / "broker.db-wal"
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_the_wal_is_truncated_once_no_reader_holds_it(tmp_path: Path) -> None:
+    store = Store(sqlite_url(tmp_path))
+    store.migrate()
+    reader = sqlite3.connect(tmp_path / "broker.db")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM used_tokens").fetchone()  # holds its snapshot
+        for _ in range(3):
+            _fill(store, 2000)
+            with store.write() as s:
+                s.execute(delete(UsedTokenRow))
+        assert _wal_bytes(tmp_path) > 3 * WAL_SIZE_LIMIT // 2  # the reader kept it growing
+        assert store.truncate_wal() is False  # it cannot while the reader is there
+        reader.execute("ROLLBACK")
+        assert store.truncate_wal() is True
+        assert _wal_bytes(tmp_path) == 0
+        with store.read() as s:  # nothing was lost on the way
+            assert s.execute(text("SELECT count(*) FROM used_tokens")).scalar_one() == 0
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_the_wal_stays_within_its_limit_between_truncations(tmp_path: Path) -> None:
+    store = Store(sqlite_url(tmp_path))
+    store.migrate()
+    try:
+        _fill(store, 6000)  # one transaction much larger than the limit
+        assert _wal_bytes(tmp_path) > 2 * WAL_SIZE_LIMIT
+        with store.write() as s:
+            s.add(UsedTokenRow(issuer="i", jti="small", expires_at=NOW))
+        # SQLite checkpointed after the large commit; the next one restarted the log and cut
+        # the file back to the limit instead of keeping its largest size.
+        assert _wal_bytes(tmp_path) <= WAL_SIZE_LIMIT
+    finally:
+        store.close()

@@ -8,10 +8,11 @@ import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, event, select, text
 
 from broker.api.app import create_app
 from broker.audit.checkpoint import NoteVerifier
@@ -126,3 +127,22 @@ def test_concurrent_exchanges_keep_the_log_exact_on_postgres(
     with broker.store.read() as session:
         report = verify_store(session, NoteVerifier.from_vkey(broker.audit.verifier_key()))
     assert report.ok and report.size == 1 + 20, report.problems
+
+
+def test_the_write_probe_on_postgres(pg_broker: tuple[TestClient, Broker]) -> None:
+    _, broker = pg_broker
+    assert broker.store.probe_write() is None
+    assert broker.store.truncate_wal() is True  # nothing to do: not SQLite
+    broker.store.engine.dispose()
+
+    def read_only(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET default_transaction_read_only = on")  # as on a standby
+        dbapi_conn.commit()  # a SET inside a transaction would end with it
+
+    event.listen(broker.store.engine, "connect", read_only)
+    try:
+        assert broker.store.probe_write() == "the store is read-only (a standby database?)"
+    finally:
+        event.remove(broker.store.engine, "connect", read_only)
+        broker.store.engine.dispose()

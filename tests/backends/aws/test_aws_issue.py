@@ -179,6 +179,31 @@ def test_sts_unreachable_is_backend_unavailable(
         aws.issue(make_grant())
 
 
+def test_ready_when_sts_answers(aws: AwsBackend) -> None:
+    assert aws.ready() is None
+
+
+def test_ready_names_an_unreachable_sts(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    aws = AwsBackend(load())
+    try:
+        problem = aws.ready()
+        assert problem is not None
+        assert problem.startswith("aws: STS GetCallerIdentity failed: EndpointConnectionError")
+    finally:
+        aws.close()
+
+
+def test_ready_names_credentials_sts_refuses(moto: Moto) -> None:
+    aws = AwsBackend(load())
+    moto.set_auth(0)  # from now on moto checks every request's signature
+    try:
+        assert aws.ready() == "aws: STS GetCallerIdentity failed: InvalidClientTokenId"
+    finally:
+        moto.set_auth(float("inf"))
+        aws.close()
+
+
 def test_sts_access_denied_is_403_naming_the_aws_code(moto: Moto) -> None:
     """moto's own IAM authorisation refuses a principal without sts:AssumeRole."""
     iam = moto.admin("iam")

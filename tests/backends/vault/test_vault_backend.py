@@ -290,6 +290,20 @@ def test_unreachable_vault(vault: VaultSetup) -> None:
         backend.close()
 
 
+def test_ready_when_vault_answers_its_health_check(backend: VaultBackend) -> None:
+    assert backend.ready() is None
+
+
+def test_ready_names_an_unreachable_vault(vault: VaultSetup) -> None:
+    addr = f"http://127.0.0.1:{free_port_pair()}"  # nothing listens there
+    backend = VaultBackend(addr, StaticToken("s.x"), vault.policy, config=EXAMPLE_CONFIG)
+    try:
+        problem = backend.ready()
+        assert problem is not None and problem.startswith(f"vault at {addr} is unreachable")
+    finally:
+        backend.close()
+
+
 def test_drift(vault: VaultSetup, backend: VaultBackend) -> None:
     assert backend.drift() == []
     narrower = VaultConfig(

@@ -21,10 +21,10 @@ from broker.backends.base import Credential
 from broker.grants.model import Grant
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
-from broker.store.tables import EventRow, GrantRow
+from broker.store.tables import EventRow, GrantRow, RevocationRow
 from tests.backends.vault.conftest import VaultSetup
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form, person_token, post_concurrently
-from tests.servers import Postgres, free_port_pair
+from tests.servers import Postgres, free_port_pair, wait_until
 
 pytestmark = pytest.mark.integration
 VAULT = "urn:broker:token-type:vault-token"
@@ -139,6 +139,22 @@ def test_vault_down_answers_503_and_leaves_nothing(tmp_path: Path, vault: VaultS
         assert client.post("/v1/token", data=exchange_form(ok)).status_code == 200
 
 
+def test_readyz_names_vault_when_it_is_unreachable(tmp_path: Path, vault: VaultSetup) -> None:
+    up = make_broker(tmp_path / "up", vault)
+    with TestClient(create_app(broker=up)) as client:
+        assert client.get("/readyz").json()["checks"]["vault"] == "ok"
+    dead = f"http://127.0.0.1:{free_port_pair()}"
+    down = make_broker(tmp_path / "down", vault, addr=dead)
+    with TestClient(create_app(broker=down)) as client:
+        resp = client.get("/readyz")
+        assert resp.status_code == 503
+        checks = resp.json()["checks"]
+        assert checks["vault"].startswith(f"vault at {dead} is unreachable")
+        assert checks["store"] == "ok"
+        assert f"vault: vault at {dead}" in resp.json()["error_description"]
+        assert client.get("/healthz").status_code == 200
+
+
 def test_revocation_waits_for_vault_across_restarts(tmp_path: Path, vault: VaultSetup) -> None:
     data = tmp_path / "data"
     first = make_broker(data, vault)
@@ -175,6 +191,46 @@ def test_revocation_waits_for_vault_across_restarts(tmp_path: Path, vault: Vault
         "grant.backend_revocation_failed",
         "grant.backend_revocation_confirmed",
     ]
+
+
+def test_a_bulk_revocation_whose_credentials_the_reconciler_removed_ends_confirmed(
+    tmp_path: Path, vault: VaultSetup, database: Postgres
+) -> None:
+    data = tmp_path / "data"
+    first = make_broker(data, vault)
+    with TestClient(create_app(broker=first)) as client:
+        token_grant = approved_fine_tune(client, first)
+        assert first.dev_issuer is not None
+        workload = first.dev_issuer.mint(sub=EVAL_SUB, claims={"job_workflow_ref": EVAL_WORKFLOW})
+        login = client.post("/v1/token", data=exchange_form(workload, requested_token_type=VAULT))
+        assert login.status_code == 200, login.text
+    db_grant = login.json()
+    ids = {str(token_grant["grant_id"]), str(db_grant["grant_id"])}
+
+    dead = f"http://127.0.0.1:{free_port_pair()}"
+    second = make_broker(data, vault, addr=dead)  # Vault unreachable during the bulk revocation
+    with TestClient(create_app(broker=second)) as client:
+        resp = client.post(
+            "/v1/revocations", json={"model": "llama-7b", "reason": "leak"}, headers=admin(second)
+        )
+        assert resp.status_code == 200 and set(resp.json()["revoked"]) == ids
+        assert {second.grants.get(g).backend_revocation for g in ids} == {"pending"}
+
+    third = make_broker(data, vault)  # Vault back; the jobs wait for their retry
+    try:
+        removed = third.grants.revocations.reconcile(min_age_s=0)
+        assert ids <= {item["grant_id"] for item in removed}  # the token and the carrier token
+        # No retry was due and no maintenance ran: the reconciler settled the jobs it emptied.
+        assert {third.grants.get(g).backend_revocation for g in ids} == {"confirmed"}
+        with third.store.read() as s:
+            jobs = s.scalars(select(RevocationRow).where(RevocationRow.grant_id.in_(ids))).all()
+        assert {(j.status, j.attempts) for j in jobs} == {("confirmed", 2)}
+    finally:
+        third.close()
+    assert not token_alive(vault, str(token_grant["access_token"]))
+    assert not database.login_works(db_grant["username"], db_grant["access_token"])
+    kinds = [json.loads(b)["type"] for b in _bodies(data)]
+    assert kinds.count("grant.backend_revocation_confirmed") == 2
 
 
 def _bodies(data: Path) -> list[bytes]:
@@ -321,4 +377,7 @@ def test_a_grant_settled_while_vault_issued_is_not_reactivated(
     assert row.status == "failed"
     broker.grants.revocations.process([row.id])
     [login] = logins
-    assert not database.login_works(str(login.extra["username"]), login.access_token)
+    # NOTE: Vault revokes the carrier token's leases asynchronously; the login goes soon after.
+    assert wait_until(
+        lambda: not database.login_works(str(login.extra["username"]), login.access_token)
+    )
