@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from broker.api import admin, approvals, audit, dev, public, token
 from broker.api.bodies import BodyLimit
 from broker.api.clients import ClientAddresses, parse_networks
+from broker.bounds import capped
 from broker.errors import BrokerError, Unauthenticated
 from broker.runtime import Broker, build_broker
 from broker.settings import Settings
@@ -31,12 +32,13 @@ async def _broker_error(request: Request, exc: Exception) -> JSONResponse:
     return token.error_response(exc, headers, disclose=disclose)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own refusals (no such route, wrong method, a body that does not parse) in
-    the broker's error shape."""
+    the broker's error shape, naming what was asked."""
     assert isinstance(exc, StarletteHTTPException)
     code = "not_found" if exc.status_code == 404 else "invalid_request"
-    body = {"error": code, "error_description": str(exc.detail)}
+    asked = f"{request.method} {capped(request.url.path, 200)}"
+    body = {"error": code, "error_description": f"{asked}: {exc.detail}"}
     headers = {**(exc.headers or {}), "Cache-Control": "no-store"}
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
