@@ -233,3 +233,26 @@ def test_the_view_shows_what_is_approved_and_what_changed_since_the_last_approva
         {"field": "audience", "last_approved": "model:llama-7b", "this": "deploy-svc"},
         {"field": "reason", "last_approved": "November refresh", "this": "December refresh"},
     ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("requested_ttl", "600"),  # a JSON integer, as the exchange's form field is digits
+        ("requested_ttl", True),
+        ("requested_ttl", 0),
+        ("requested_ttl", 10**9),
+        ("audience", ""),
+        ("audience", "x" * 5000),
+    ],
+)
+def test_open_refuses_a_bad_audience_or_ttl(
+    client: TestClient, broker: Broker, field: str, value: object
+) -> None:
+    resp = client.post(
+        "/v1/approvals",
+        json={"model": "llama-7b", "action": "fine-tune", field: value},
+        headers=bearer(trainer(broker)),
+    )
+    assert resp.status_code == 400 and field in resp.json()["error_description"], resp.text
+    assert request_ids(client, broker) == []

@@ -21,6 +21,7 @@ from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from tests.approvals.test_flow import K8S, LINEAGE, TRAINER, bearer, releaser
 from tests.conftest import exchange_form, person_token
+from tests.grants.support import events
 
 SSO = "https://sso.example.com"
 SSO2 = "https://sso2.example.com"
@@ -126,6 +127,12 @@ def test_one_person_through_two_sso_issuers_is_one_approval(people: People) -> N
     )
     view = people.broker.approvals.get(approval_id)
     assert (view["status"], view["approvals"], len(view["reviews"])) == ("pending", 1, 1)
+    [reviewed] = [e for e in events(people.broker, "approval.reviewed")]
+    assert reviewed["reviewer"] == {
+        "issuer": "sso",
+        "subject": "alice@example.com",
+        "people": ["alice"],
+    }
     exchange = people.client.post(
         "/v1/token",
         data=exchange_form(
