@@ -11,7 +11,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from broker.api.deps import BrokerDep, PersonDep, WorkloadDep, authenticate_any, require_role
 from broker.backends.base import TOKEN_TYPE_JWT
@@ -28,10 +28,15 @@ AnyCallerDep = Annotated[Person | WorkloadIdentity, Depends(authenticate_any)]
 
 
 class OpenBody(BaseModel):
+    """The future exchange, field for field as ``POST /v1/token`` will send it: an approval
+    covers exactly that request, audience and TTL included."""
+
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
     action: str = Field(min_length=1)
     requested_token_type: str = TOKEN_TYPE_JWT
+    audience: str | None = Field(default=None, min_length=1, max_length=2048)
+    requested_ttl: StrictInt | None = Field(default=None, ge=1, le=999_999_999)
     lineage: dict[str, Any] | None = None
     reason: str | None = Field(default=None, max_length=1000)
 
@@ -50,6 +55,8 @@ def open_request(body: OpenBody, broker: BrokerDep, workload: WorkloadDep) -> di
         model=body.model,
         action=body.action,
         token_type=body.requested_token_type,
+        audience=body.audience,
+        requested_ttl=body.requested_ttl,
         reason=body.reason,
         lineage=json.dumps(body.lineage) if body.lineage is not None else None,
     )
@@ -58,9 +65,10 @@ def open_request(body: OpenBody, broker: BrokerDep, workload: WorkloadDep) -> di
     if decision.outcome is Outcome.ALLOW:
         raise InvalidRequest(
             f"action {decision.action} is tier {decision.tier}: it needs no approval; "
-            "exchange directly"
+            "exchange directly",
+            approvals_required=0,
         )
-    binding = grants.binding(workload, decision, lineage, req.reason)
+    binding = grants.binding(workload, req, decision, lineage)
     view, _ = broker.approvals.open(decision, binding)
     return view
 

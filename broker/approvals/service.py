@@ -14,8 +14,11 @@ from sqlalchemy.orm import Session
 from broker.approvals.rules import (
     ApprovalState,
     Binding,
-    differences,
+    binding_changes,
+    describe_changes,
+    distinct_people,
     effective_state,
+    persons_of,
     review_refusal,
     rollback_gap,
 )
@@ -47,11 +50,15 @@ def binding_for(
     policy: LoadedPolicy,
     identity: WorkloadIdentity,
     decision: Decision,
+    *,
+    token_type: str,
+    audience: str,
     lineage: dict[str, Any] | None,
     reason: str | None,
 ) -> Binding:
     """What an approval for this request covers: the identity (with the claims the rule checked
     and those ``people`` maps to a person, so separation of duties can see them), the target,
+    the credential it will get (backend, ``token_type``, ``audience``, the decision's TTL),
     lineage, reason and policy."""
     claims = dict(decision.matched_claims)
     for refs in policy.policy.people.values():
@@ -67,6 +74,9 @@ def binding_for(
         model=decision.model,
         action=decision.action,
         backend=decision.backend,
+        requested_token_type=token_type,
+        audience=audience,
+        ttl_seconds=decision.ttl_seconds,
         lineage=lineage,
         reason=reason,
         policy_digest=policy.digest,
@@ -92,15 +102,25 @@ class ApprovalService:
 
     # --- views ---------------------------------------------------------------------------------
 
-    def _view(self, session: Session, row: ApprovalRow, now: dt.datetime) -> dict[str, Any]:
+    def _view(
+        self, session: Session, row: ApprovalRow, now: dt.datetime, *, compare: bool = False
+    ) -> dict[str, Any]:
+        """The request as the API shows it; with ``compare``, also what differs from the last
+        approved request for the same model and action (one more query, so single views only)."""
         reviews = session.scalars(
             select(ReviewRow).where(ReviewRow.request_id == row.id).order_by(ReviewRow.at)
         ).all()
         state = effective_state(
             row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
         )
-        approvals = sum(1 for r in reviews if r.decision == "approve")
-        return {
+        policy = self.policy.policy
+        approvals = distinct_people(
+            policy,
+            [(r.reviewer_issuer, r.reviewer_subject) for r in reviews if r.decision == "approve"],
+        )
+        bound = row.bound
+        claims = bound.get("claims", {})
+        view: dict[str, Any] = {
             "id": row.id,
             "status": str(state),
             "model": row.model,
@@ -108,9 +128,19 @@ class ApprovalService:
             "backend": row.backend,
             "tier": row.tier,
             "rule": row.rule,
-            "requester": {"issuer": row.issuer, "subject": row.subject},
+            "requester": {
+                "issuer": row.issuer,
+                "subject": row.subject,
+                "claims": claims,
+                "people": sorted(persons_of(policy, row.issuer, row.subject, claims)),
+            },
+            "requested_token_type": bound.get("requested_token_type"),
+            "audience": bound.get("audience"),
+            "ttl_seconds": bound.get("ttl_seconds"),
+            "lineage": bound.get("lineage"),
+            "reason": bound.get("reason"),
             "binding": row.binding,
-            "bound": row.bound,
+            "bound": bound,
             "approvals": approvals,
             "approvals_required": row.approvals_required,
             "rollback_required": row.rollback_required,
@@ -130,10 +160,47 @@ class ApprovalService:
             "used_at": row.used_at.isoformat() if row.used_at else None,
             "grant_id": row.grant_id,
         }
+        if compare:
+            view["differs_from_last_approved"] = self._against_last_approved(session, row, now)
+        return view
+
+    @staticmethod
+    def _against_last_approved(
+        session: Session, row: ApprovalRow, now: dt.datetime
+    ) -> dict[str, Any] | None:
+        """What differs between ``row`` and the request for the same model and action approved
+        last before it was decided (before now, while it is undecided), or None when there is
+        none. Only approvals set ``approved_until``, so it marks a request that was approved
+        (and may since be used or expired)."""
+        before = row.decided_at or now
+        last = session.scalars(
+            select(ApprovalRow)
+            .where(
+                ApprovalRow.model == row.model,
+                ApprovalRow.action == row.action,
+                ApprovalRow.id != row.id,
+                ApprovalRow.approved_until.is_not(None),
+                ApprovalRow.decided_at <= before,
+            )
+            .order_by(ApprovalRow.decided_at.desc(), ApprovalRow.id)
+            .limit(1)
+        ).first()
+        if last is None:
+            return None
+        assert last.decided_at is not None
+        return {
+            "approval_id": last.id,
+            "decided_at": last.decided_at.isoformat(),
+            "changes": [
+                {"field": field, "last_approved": old, "this": new}
+                for field, old, new in binding_changes(last.bound, row.bound)
+            ],
+        }
 
     def get(self, approval_id: str) -> dict[str, Any]:
         with self.store.read() as session:
-            return self._view(session, self._row(session, approval_id), self.clock())
+            row = self._row(session, approval_id)
+            return self._view(session, row, self.clock(), compare=True)
 
     def find(
         self, *, status: str | None = None, model: str | None = None, limit: int = 100
@@ -181,7 +248,7 @@ class ApprovalService:
                     approved_until=row.approved_until,
                 )
                 if state in (ApprovalState.PENDING, ApprovalState.APPROVED):
-                    return self._view(session, row, now), False
+                    return self._view(session, row, now, compare=True), False
             row = ApprovalRow(
                 id=_new_id(),
                 status=ApprovalState.PENDING,
@@ -213,7 +280,7 @@ class ApprovalService:
                 },
             )
             session.flush()
-            view = self._view(session, row, now)
+            view = self._view(session, row, now, compare=True)
         self._notify("approval.requested", view)
         return view, True
 
@@ -223,19 +290,44 @@ class ApprovalService:
         """Why ``approval_id`` cannot cover a request bound to ``binding`` now, or None."""
         with self.store.read() as session:
             row = session.get(ApprovalRow, approval_id)
-            if row is None:
-                return f"approval {approval_id!r} does not exist"
-            return self._unusable(row, binding, self.clock())
+            return self._unusable(row, approval_id, binding, self.clock())
 
-    def _unusable(self, row: ApprovalRow, binding: Binding, now: dt.datetime) -> str | None:
+    def live_request(self, approval_id: str, binding: Binding) -> str | None:
+        """``approval_id`` when it is a live (pending or approved) request for exactly
+        ``binding``: the one to wait for, though it cannot be used yet. Else None."""
+        now = self.clock()
+        with self.store.read() as session:
+            row = session.get(ApprovalRow, approval_id)
+            if row is None or row.binding != binding.digest():
+                return None
+            state = effective_state(
+                row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
+            )
+            live = state in (ApprovalState.PENDING, ApprovalState.APPROVED)
+            return row.id if live else None
+
+    def _unusable(
+        self, row: ApprovalRow | None, approval_id: str, binding: Binding, now: dt.datetime
+    ) -> str | None:
+        # NOTE: another workload's request is reported like one that does not exist: what
+        # it was approved for is not this caller's to read (GET /v1/approvals/{id} agrees).
+        if row is None or (row.issuer, row.subject) != (binding.issuer, binding.subject):
+            who = "does not exist or was requested by another workload"
+            return f"approval {shown(approval_id)} {who}"
         state = effective_state(
             row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
         )
+        problems = []
         if state is not ApprovalState.APPROVED:
-            return f"approval {row.id} is {state}, not approved"
+            problems.append(f"approval {row.id} is {state}, not approved")
         if row.binding != binding.digest():
-            changed = ", ".join(differences(row.bound, binding.as_dict())) or "the request"
-            return f"approval {row.id} was given for a different request (differs in: {changed})"
+            changes = binding_changes(row.bound, binding.as_dict())
+            problems.append(
+                f"approval {row.id} was given for a different request: "
+                + (describe_changes(changes) or "the binding differs")
+            )
+        if problems:
+            return "; ".join(problems)
         if row.rollback_required:
             gap = rollback_gap(
                 binding.lineage, now=now, max_age=self.settings.rollback_test_max_age
@@ -309,13 +401,24 @@ class ApprovalService:
                 )
             )
             actor = {"issuer": person.issuer_name, "subject": person.subject}
+            people = sorted(persons_of(self.policy.policy, person.issuer_name, person.subject, {}))
             self.audit.append(
                 session,
                 "approval.reviewed",
                 now,
-                {"approval_id": row.id, "reviewer": actor, "decision": decision, "reason": reason},
+                {
+                    "approval_id": row.id,
+                    "reviewer": {**actor, "people": people},
+                    "decision": decision,
+                    "reason": reason,
+                },
             )
-            approvals = sum(1 for r in earlier if r.decision == "approve") + (decision == "approve")
+            approvers = [
+                (r.reviewer_issuer, r.reviewer_subject) for r in earlier if r.decision == "approve"
+            ]
+            if decision == "approve":
+                approvers.append((person.issuer_name, person.subject))
+            approvals = distinct_people(self.policy.policy, approvers)
             resolved = None
             if decision == "deny":
                 resolved = ApprovalState.DENIED
@@ -332,7 +435,7 @@ class ApprovalService:
                     {"approval_id": row.id, "approvals": approvals, "by": actor},
                 )
             session.flush()
-            view = self._view(session, row, now)
+            view = self._view(session, row, now, compare=True)
         if resolved is not None:
             self._notify(f"approval.{resolved}", view)
         return view
@@ -353,7 +456,7 @@ class ApprovalService:
                 session, "approval.cancelled", now, {"approval_id": row.id, "reason": reason}
             )
             session.flush()
-            view = self._view(session, row, now)
+            view = self._view(session, row, now, compare=True)
         self._notify("approval.cancelled", view)
         return view
 

@@ -1,11 +1,13 @@
 """The ``broker`` command.
 
 Exit codes scripts can rely on: 0 success; 1 the broker refused (any 4xx but approval_required:
-denied, invalid, not found, unauthenticated) or a policy decision of deny; 2 usage or
-configuration error (bad flags, a bad URL, a token where a file is expected, an invalid policy
-file); 3 the broker is unreachable or unavailable (5xx, or something other than the broker
-answered); 4 approval required (the error names the approval request; ``policy explain``: the
-decision needs approval). With ``--json`` an error is printed as JSON on standard error too.
+denied, invalid, not found, unauthenticated), a policy decision of deny, or an awaited approval
+that ended otherwise than approved (denied, cancelled, expired, used); 2 usage or configuration
+error (bad flags, a bad URL, a token where a file is expected, an invalid policy file); 3 the
+broker is unreachable or unavailable (5xx, or something other than the broker answered); 4
+approval required (the error names the approval request; ``policy explain``: the decision needs
+approval); 5 an awaited approval is still pending when ``--timeout`` ran out. With ``--json``
+an error is printed as JSON on standard error too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,6 +27,10 @@ from broker.client.http import BrokerClient, ClientError, url_problem
 from broker.errors import BrokerError, ConfigError
 
 EXIT_OK, EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_APPROVAL = 0, 1, 2, 3, 4
+EXIT_TIMEOUT = 5
+WAIT_FIRST_S, WAIT_MAX_S = 1.0, 30.0
+"""Polling an approval: the first pause, doubled after each poll up to the longest."""
+DEFAULT_WAIT = "30m"
 DEFAULT_URL = "http://127.0.0.1:8080"
 _JWT_SHAPE = re.compile(r"\s*eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\s*")
 TOKEN_TYPES = {
@@ -78,6 +85,74 @@ def _read_secret(path: str, flag: str) -> str:
     if not text.strip():
         raise ConfigError(f"{flag}: {'stdin' if path == '-' else path} holds no token")
     return text.strip()
+
+
+def _token_source(path: str, flag: str) -> Callable[[], str]:
+    """The token in ``path``, read again at each call: a token file that its platform refreshes
+    in place (a Kubernetes projected token) stays valid through a long wait. Standard input
+    (``-``) is read once."""
+    if path == "-":
+        token = _read_secret(path, flag)
+        return lambda: token
+    return lambda: _read_secret(path, flag)
+
+
+def _timeout(text: str) -> int:
+    """``--timeout``: a duration (``10m``, ``600``), or 0 to look once without waiting."""
+    if text.strip() == "0":
+        return 0
+    return _duration(text, "--timeout")
+
+
+class WaitEnded(Exception):
+    """An awaited approval ended otherwise than approved, or is still pending at the timeout."""
+
+    def __init__(self, exit_code: int, code: str, description: str, view: dict[str, Any]):
+        super().__init__(description)
+        self.exit_code, self.code, self.description = exit_code, code, description
+        self.fields = {"approval_id": view.get("id"), "approval_status": view.get("status")}
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _await_approval(get: Callable[[], dict[str, Any]], timeout: int) -> dict[str, Any]:
+    """Poll ``get`` (one approval request) with exponential backoff until it is no longer
+    pending; return it when approved. Raises WaitEnded (exit 1) when it ended otherwise and
+    (exit 5) when it is still pending after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = WAIT_FIRST_S
+    while True:
+        view = get()
+        if view["status"] != "pending":
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            progress = f"{view['approvals']} of {view['approvals_required']} approval(s)"
+            raise WaitEnded(
+                EXIT_TIMEOUT,
+                "timeout",
+                f"approval {view['id']} is still pending after {timeout} s ({progress}); "
+                "wait again, or give a longer --timeout",
+                view,
+            )
+        _sleep(min(pause, left))
+        pause = min(pause * 2, WAIT_MAX_S)
+    if view["status"] == "approved":
+        return view
+    why = f"approval {view['id']} is {view['status']}"
+    denials = [r for r in view.get("reviews", []) if r["decision"] == "deny"]
+    if denials:
+        by = denials[0]["reviewer"]
+        why += f": denied by {by['subject']} ({by['issuer']}): {denials[0]['reason']}"
+    raise WaitEnded(EXIT_REFUSED, f"approval_{view['status']}", _printable(why), view)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: what a requester wrote (reason, lineage,
+    claims) must not move a reviewer's cursor or forge lines on their terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -150,30 +225,76 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
 
 
 def _ttl(text: str) -> int:
+    return _duration(text, "--ttl")
+
+
+def _duration(text: str, flag: str) -> int:
     from broker.policy.model import parse_duration
 
     try:
         return parse_duration(text if not text.isdigit() else int(text))
     except ValueError as exc:
-        raise ConfigError(f"--ttl: {exc}") from None
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def _lineage(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--lineage: not JSON ({exc.msg})") from None
 
 
 def cmd_token_exchange(args: argparse.Namespace) -> int:
     client = _client(args)
-    subject_token = _read_secret(args.token, "--token")
+    token = _token_source(args.token, "--token")
+    ttl = _ttl(args.ttl) if args.ttl else None
+    approval_id = args.approval_id
+    if args.wait:
+        timeout = _timeout(args.timeout)
+        if approval_id is None:
+            approval_id = _open_ahead(client, token(), args, ttl)
+        if approval_id is not None:
+            wanted = approval_id
+            _await_approval(lambda: client.get_approval(wanted, bearer=token()), timeout)
     result = client.exchange(
-        subject_token,
+        token(),
         model=args.model,
         action=args.action,
         requested_token_type=TOKEN_TYPES[args.backend],
         audience=args.audience,
         reason=args.reason,
         lineage=args.lineage,
-        approval_id=args.approval_id,
-        requested_ttl=str(_ttl(args.ttl)) if args.ttl else None,
+        approval_id=approval_id,
+        requested_ttl=str(ttl) if ttl else None,
     )
     _out(args, result, lambda: str(result["access_token"]))
     return EXIT_OK
+
+
+def _open_ahead(
+    client: BrokerClient, token: str, args: argparse.Namespace, ttl: int | None
+) -> str | None:
+    """The approval request for exactly this exchange (opened now, or the live one), or None
+    when the action needs no approval. NOTE: opening does not spend a single-use token, so the
+    exchange after the wait can still use it."""
+    try:
+        view = client.open_approval(
+            bearer=token,
+            model=args.model,
+            action=args.action,
+            requested_token_type=TOKEN_TYPES[args.backend],
+            audience=args.audience,
+            requested_ttl=ttl,
+            lineage=_lineage(args.lineage),
+            reason=args.reason,
+        )
+    except ClientError as exc:
+        if exc.code == "invalid_request" and exc.fields.get("approvals_required") == 0:
+            return None
+        raise
+    return str(view["id"])
 
 
 def cmd_token_introspect(args: argparse.Namespace) -> int:
@@ -226,11 +347,19 @@ APPROVAL_COLUMNS = (
 
 
 def _approval_human(view: dict[str, Any]) -> str:
+    """Everything a reviewer approves, and what changed since the last approval of the same
+    model and action. Values the requester chose are shown with control characters escaped."""
     who = view["requester"]
     target = f"{view['action']} on {view['model']} via {view['backend']}"
+    people = f"; counts as {', '.join(who['people'])}" if who.get("people") else ""
     lines = [
-        f"{view['id']}  {view['status']}  {target}",
-        f"requester  {who['subject']} ({who['issuer']})",
+        f"{view['id']}  {view['status']}  {target}  (tier {view['tier']}, rule {view['rule']})",
+        f"requester  {who['subject']} ({who['issuer']}){people}",
+        *(f"  claim {name} = {value}" for name, value in sorted(who.get("claims", {}).items())),
+        f"credential {view.get('requested_token_type')}, audience {view.get('audience')}, "
+        f"ttl {view.get('ttl_seconds')} s",
+        f"reason     {view.get('reason') or '-'}",
+        *_lineage_lines(view.get("lineage")),
         f"approvals  {view['approvals']} of {view['approvals_required']}"
         + ("  (rollback test required)" if view["rollback_required"] else ""),
         f"expires    {view['approved_until'] or view['expires_at']}",
@@ -239,24 +368,80 @@ def _approval_human(view: dict[str, Any]) -> str:
         f"  {r['decision']:8} {r['reviewer']['subject']} ({r['reviewer']['issuer']}): {r['reason']}"
         for r in view["reviews"]
     ]
-    return "\n".join(lines)
+    if "differs_from_last_approved" in view:
+        lines += _since_last(view)
+    return "\n".join(_printable(line) for line in lines)
+
+
+def _artifact(item: dict[str, Any]) -> str:
+    return f"{item['uri']}  " + (
+        f"sha256:{item['sha256']}" if item.get("sha256") else "(no digest)"
+    )
+
+
+def _lineage_lines(lineage: dict[str, Any] | None) -> list[str]:
+    if not lineage:
+        return ["lineage    -"]
+    lines = ["lineage"]
+    for kind in ("datasets", "weights", "prompts"):
+        lines += [f"  {kind[:-1]:8} {_artifact(item)}" for item in lineage.get(kind, [])]
+    point = lineage.get("rollback_point")
+    if point:
+        lines.append(f"  rollback {_artifact(point)}")
+        test = point.get("test")
+        lines.append(
+            f"    evidence {test['ref']}: {test['result']} at {test['tested_at']}"
+            if test
+            else "    evidence none"
+        )
+    return lines
+
+
+def _since_last(view: dict[str, Any]) -> list[str]:
+    last = view["differs_from_last_approved"]
+    if last is None:
+        return [f"no earlier approval of {view['action']} on {view['model']}"]
+    head = f"since {last['approval_id']} (approved {last['decided_at']})"
+    if not last["changes"]:
+        return [f"{head}: nothing changed"]
+    return [f"{head}:"] + [
+        f"  {c['field']}: {json.dumps(c['last_approved'])} -> {json.dumps(c['this'])}"
+        for c in last["changes"]
+    ]
 
 
 def cmd_approvals_request(args: argparse.Namespace) -> int:
-    lineage = None
-    if args.lineage:
-        try:
-            lineage = json.loads(args.lineage)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--lineage: not JSON ({exc.msg})") from None
     client = BrokerClient(_url(args), bearer=_read_secret(args.token, "--token"))
     view = client.open_approval(
         model=args.model,
         action=args.action,
         requested_token_type=TOKEN_TYPES[args.backend],
-        lineage=lineage,
+        audience=args.audience,
+        requested_ttl=_ttl(args.ttl) if args.ttl else None,
+        lineage=_lineage(args.lineage),
         reason=args.reason,
     )
+    _out(args, view, lambda: _approval_human(view))
+    return EXIT_OK
+
+
+def cmd_approvals_wait(args: argparse.Namespace) -> int:
+    """Wait until the request is decided; exit 0 when approved (see WaitEnded otherwise). The
+    token (the workload's --token, or your --bearer-file) is read again at each poll."""
+    timeout = _timeout(args.timeout)
+    if args.token:
+        bearer = _token_source(args.token, "--token")
+    elif args.bearer_file:
+        bearer = _token_source(args.bearer_file, "--bearer-file")
+    else:
+        token = os.environ.get("BROKER_TOKEN")
+        if not token:
+            raise ConfigError(
+                "wait needs a token: --token FILE, --bearer-file FILE or BROKER_TOKEN"
+            )
+        bearer = lambda: token  # noqa: E731
+    client = BrokerClient(_url(args))
+    view = _await_approval(lambda: client.get_approval(args.approval_id, bearer=bearer()), timeout)
     _out(args, view, lambda: _approval_human(view))
     return EXIT_OK
 
@@ -582,6 +767,14 @@ def _common(p: argparse.ArgumentParser, *, url: bool = True, bearer: bool = Fals
         )
 
 
+def _wait_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--timeout",
+        default=DEFAULT_WAIT,
+        help=f"how long to wait for a decision (default {DEFAULT_WAIT}; 0: look once)",
+    )
+
+
 def _url_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help=f"broker base URL (default: $BROKER_URL, else {DEFAULT_URL})")
 
@@ -627,6 +820,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lineage", help="JSON: datasets, weights, prompts, rollback_point")
     p.add_argument("--approval-id")
     p.add_argument("--ttl", help="requested lifetime (capped by the action's max_ttl)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if the action needs approval: open the request (or use --approval-id), wait "
+        "until it is decided, then exchange (the --token file is read again)",
+    )
+    _wait_timeout(p)
     _common(p)
     p.set_defaults(func=cmd_token_exchange)
     p = tok.add_parser("introspect", help="is this broker JWT's grant active? (RFC 7662)")
@@ -671,10 +871,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--action", required=True)
     p.add_argument("--backend", choices=sorted(TOKEN_TYPES), default="jwt")
+    p.add_argument("--audience", help="the broker JWT audience the exchange will ask for")
+    p.add_argument("--ttl", help="the lifetime the exchange will ask for")
     p.add_argument("--lineage", help="JSON: datasets, weights, prompts, rollback_point")
     p.add_argument("--reason")
     _common(p)
     p.set_defaults(func=cmd_approvals_request)
+    p = appr.add_parser(
+        "wait", help="wait until a request is decided: exit 0 approved, 1 otherwise, 5 timeout"
+    )
+    p.add_argument("approval_id")
+    p.add_argument("--token", help="file with the requesting workload's token (default: yours)")
+    _wait_timeout(p)
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_approvals_wait)
     p = appr.add_parser("list")
     p.add_argument(
         "--status", choices=["pending", "approved", "denied", "cancelled", "expired", "used"]
@@ -823,6 +1033,9 @@ def _failed(args: argparse.Namespace, exc: Exception) -> int:
         else:
             code = EXIT_REFUSED
         body, human = exc.to_wire(), f"error: {exc.code}: {exc.description}{_approval_hint(exc)}"
+    elif isinstance(exc, WaitEnded):
+        code, human = exc.exit_code, f"error: {exc.code}: {exc.description}"
+        body = {"error": exc.code, "error_description": exc.description, **exc.fields}
     elif isinstance(exc, ConfigError):
         code, human = EXIT_CONFIG, f"error: {exc.description}"
         body = {"error": "usage_error", "error_description": exc.description}
@@ -848,7 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except (ClientError, BrokerError, OSError) as exc:
+    except (ClientError, BrokerError, WaitEnded, OSError) as exc:
         return _failed(args, exc)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -63,14 +63,17 @@ def _excerpt(resp: httpx.Response) -> str:
     return text if len(text) <= MAX_EXCERPT_CHARS else text[:MAX_EXCERPT_CHARS] + "..."
 
 
+def _auth(bearer: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {bearer}"} if bearer else {}
+
+
 class BrokerClient:
     def __init__(self, url: str, *, bearer: str | None = None, timeout: float = 30.0) -> None:
         """Raises ValueError when ``url`` is not an http(s) URL (:func:`url_problem`)."""
         problem = url_problem(url)
         if problem:
             raise ValueError(problem)
-        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=_auth(bearer), timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -147,9 +150,14 @@ class BrokerClient:
     def introspect(self, token: str) -> dict[str, Any]:
         return self._call("POST", "/v1/introspect", data={"token": token})
 
-    def open_approval(self, **body: Any) -> dict[str, Any]:
+    def open_approval(self, *, bearer: str | None = None, **body: Any) -> dict[str, Any]:
+        """Open (or find) the request for exactly this future exchange; ``bearer`` (the
+        workload's token) replaces the client's."""
         return self._call(
-            "POST", "/v1/approvals", json={k: v for k, v in body.items() if v is not None}
+            "POST",
+            "/v1/approvals",
+            json={k: v for k, v in body.items() if v is not None},
+            headers=_auth(bearer),
         )
 
     def list_approvals(self, **filters: str | None) -> list[dict[str, Any]]:
@@ -157,8 +165,11 @@ class BrokerClient:
         found: list[dict[str, Any]] = self._call("GET", "/v1/approvals", params=params)["approvals"]
         return found
 
-    def get_approval(self, approval_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/approvals/{approval_id}")
+    def get_approval(self, approval_id: str, *, bearer: str | None = None) -> dict[str, Any]:
+        """One request; ``bearer`` (e.g. the workload's refreshed token) replaces the client's."""
+        return self._call(
+            "GET", f"/v1/approvals/{quote(approval_id, safe='')}", headers=_auth(bearer)
+        )
 
     def act_on_approval(self, approval_id: str, verb: str, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/approvals/{approval_id}/{verb}", json={"reason": reason})

@@ -238,33 +238,46 @@ class GrantService:
     def binding(
         self,
         identity: WorkloadIdentity,
+        req: ExchangeRequest,
         decision: Decision,
         lineage: dict[str, Any] | None,
-        reason: str | None,
     ) -> Binding:
-        return binding_for(self.policy, identity, decision, lineage, _clean_reason(reason))
+        """What an approval of this request covers, the credential's audience included.
+        Raises InvalidRequest / InvalidTarget for an audience the request may not have."""
+        return binding_for(
+            self.policy,
+            identity,
+            decision,
+            token_type=req.token_type,
+            audience=self._audience(req, decision),
+            lineage=lineage,
+            reason=_clean_reason(req.reason),
+        )
 
-    def _approval(
-        self, identity: WorkloadIdentity, req: ExchangeRequest, decision: Decision, binding: Binding
-    ) -> str:
-        """The approval id that covers this request, or ApprovalRequired naming the request
-        people must review (opened now, or the live one for exactly this request)."""
-        problem = None
-        if req.approval_id:
-            problem = self.approvals.unusable_because(req.approval_id, binding)
-            if problem is None:
-                return req.approval_id
-        view, _ = self.approvals.open(decision, binding)
+    def _approval(self, req: ExchangeRequest, decision: Decision, binding: Binding) -> str:
+        """The approval id that covers this request, or ApprovalRequired. Without an
+        ``approval_id`` it names the request people must review (opened now, or the live one
+        for exactly this request). With one that does not cover this request it says why
+        (its state, each field that differs) and opens nothing: naming an approval means
+        "use this one", and a mismatch is a mistake to correct, not a new request."""
         needed = (
             f"action {decision.action} is tier {decision.tier} and needs "
             f"{decision.approvals_required} approval(s) by other people"
         )
-        if view["status"] == "approved":
-            state = f"request {view['id']} is approved: exchange again with approval_id"
-        else:
-            state = f"request {view['id']} has {view['approvals']} of {view['approvals_required']}"
-        text = f"{problem}; " if problem else ""
-        raise ApprovalRequired(f"{text}{needed}; {state}", approval_id=view["id"])
+        if req.approval_id:
+            problem = self.approvals.unusable_because(req.approval_id, binding)
+            if problem is None:
+                return req.approval_id
+            live = self.approvals.live_request(req.approval_id, binding)
+            if live is None:
+                raise ApprovalRequired(
+                    f"{problem}; {needed}; no request was opened: exchange without "
+                    "approval_id, or open one with POST /v1/approvals, to ask for this one"
+                )
+            view = self.approvals.get(live)
+            raise ApprovalRequired(f"{problem}; {needed}; {_progress(view)}", approval_id=live)
+        view, _ = self.approvals.open(decision, binding)
+        raise ApprovalRequired(f"{needed}; {_progress(view)}", approval_id=view["id"])
 
     def _allow(
         self, identity: WorkloadIdentity, req: ExchangeRequest, attempt: _Attempt
@@ -274,9 +287,13 @@ class GrantService:
         approval_id = None
         binding = None
         if decision.outcome is Outcome.APPROVAL_REQUIRED:
-            binding = self.binding(identity, decision, lineage, req.reason)
-            approval_id = self._approval(identity, req, decision, binding)
-        audience = self._audience(req, decision)
+            # NOTE: the binding holds the audience and TTL, so both are settled before the
+            # approval is looked at: an approval covers exactly the credential issued.
+            binding = self.binding(identity, req, decision, lineage)
+            approval_id = self._approval(req, decision, binding)
+            audience = binding.audience
+        else:
+            audience = self._audience(req, decision)
         now = self.clock().replace(microsecond=0)
         claims: dict[str, Any] = {**identity.attributes, **decision.matched_claims}
         grant = Grant(
@@ -682,6 +699,13 @@ def _status_clause(status: str, now: dt.datetime) -> Any:
     if status == "revoked":
         return GrantRow.status == "revoked"
     raise InvalidRequest(f"status: expected one of active, expired, revoked; got {shown(status)}")
+
+
+def _progress(view: dict[str, Any]) -> str:
+    """Where an approval request stands, for an ``approval_required`` answer."""
+    if view["status"] == "approved":
+        return f"request {view['id']} is approved: exchange again with approval_id"
+    return f"request {view['id']} has {view['approvals']} of {view['approvals_required']}"
 
 
 def _clean_reason(reason: str | None) -> str | None:

@@ -317,8 +317,13 @@ def _check_unique(source: str, section: str, attr: str, label: str, values: list
         first_seen[value] = index
 
 
+def _folded(text: str | None) -> str | None:
+    return None if text is None else text.casefold()
+
+
 def _check_people(policy: Policy, source: str) -> None:
-    """Every identity in ``people`` names a defined issuer, and belongs to one person only."""
+    """Every identity in ``people`` names a defined issuer, and belongs to one person only
+    (ignoring case, as separation of duties matches them)."""
     owner: dict[tuple[str, str | None, str | None, str | None], str] = {}
     for person, refs in policy.people.items():
         for position, ref in enumerate(refs):
@@ -328,7 +333,7 @@ def _check_people(policy: Policy, source: str) -> None:
                 raise PolicyError(
                     source, f"{where}.issuer", f"issuer {ref.issuer!r} is not defined; {names}"
                 )
-            key = (ref.issuer, ref.subject, ref.claim, ref.value)
+            key = (ref.issuer, _folded(ref.subject), ref.claim, _folded(ref.value))
             if key in owner and owner[key] != person:
                 raise PolicyError(
                     source, where, f"this identity is already mapped to {owner[key]!r}"

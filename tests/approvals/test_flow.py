@@ -88,7 +88,11 @@ def test_exchange_opens_a_request_then_an_approval_is_used_once(
 
     again = ask(client, broker, approval_id=approval_id)
     assert again.status_code == 403 and "is used" in again.json()["error_description"]
-    assert again.json()["approval_id"] != approval_id  # a new request for a new exchange
+    # Naming a used approval opens no new request; the description says how to ask for one.
+    assert "approval_id" not in again.json() and "no request was opened" in again.text
+    assert [a["id"] for a in client.get("/v1/approvals", headers=admin).json()["approvals"]] == [
+        approval_id
+    ]
 
 
 def test_threshold_two_needs_two_distinct_approvers(client: TestClient, broker: Broker) -> None:
@@ -151,7 +155,7 @@ def test_approval_does_not_cover_different_lineage_or_backend(
     other = json.dumps({"datasets": [{"uri": "s3://datasets/approved/set-2"}]})
     resp = ask(client, broker, approval_id=approval_id, lineage=other)
     assert resp.status_code == 403
-    assert "differs in: lineage" in resp.json()["error_description"]
+    assert "lineage.datasets: approved [" in resp.json()["error_description"]
 
     class FakeVault:  # our own Backend Protocol, to show the binding covers the backend
         name, token_type, external = "vault", "urn:broker:token-type:vault-token", False
@@ -165,7 +169,8 @@ def test_approval_does_not_cover_different_lineage_or_backend(
     jwt_backend = broker.grants.backends.get("jwt")
     broker.grants.backends = BackendRegistry({"jwt": jwt_backend, "vault": FakeVault()})
     resp = ask(client, broker, approval_id=approval_id, requested_token_type=FakeVault.token_type)
-    assert resp.status_code == 403 and "differs in: backend" in resp.json()["error_description"]
+    assert resp.status_code == 403
+    assert "backend: approved 'jwt', requested 'vault'" in resp.json()["error_description"]
     assert (
         ask(client, broker, approval_id=approval_id).status_code == 200
     )  # the approved one still works

@@ -9,8 +9,11 @@ import pytest
 from broker.approvals.rules import (
     ApprovalState,
     Binding,
-    differences,
+    binding_changes,
+    describe_changes,
+    distinct_people,
     effective_state,
+    persons_of,
     review_refusal,
     rollback_gap,
 )
@@ -169,21 +172,145 @@ def test_states_expire() -> None:
     )
 
 
+def binding(**changed: object) -> Binding:
+    fields: dict[str, object] = {
+        "issuer": "ci",
+        "subject": "s",
+        "claims": {"sub": "s"},
+        "model": "m",
+        "action": "fine-tune",
+        "backend": "jwt",
+        "requested_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "audience": "model:m",
+        "ttl_seconds": 3600,
+        "lineage": {"datasets": []},
+        "reason": None,
+        "policy_digest": "sha256:1",
+    }
+    fields.update(changed)
+    return Binding(**fields)  # type: ignore[arg-type]
+
+
 def test_bindings_differ_by_field() -> None:
-    a = Binding(
-        "ci", "s", {"sub": "s"}, "m", "fine-tune", "jwt", {"datasets": []}, None, "sha256:1"
-    )
-    b = Binding(
-        "ci",
-        "s",
-        {"sub": "s"},
-        "m",
-        "fine-tune",
-        "vault",
-        {"datasets": [{"uri": "s3://d"}]},
-        None,
-        "sha256:1",
-    )
+    a = binding()
+    b = binding(backend="vault", lineage={"datasets": [{"uri": "s3://d"}]})
     assert a.digest() != b.digest()
-    assert differences(a.as_dict(), b.as_dict()) == ["backend", "lineage"]
+    assert binding_changes(a.as_dict(), b.as_dict()) == [
+        ("backend", "jwt", "vault"),
+        ("lineage.datasets", [], [{"uri": "s3://d"}]),
+    ]
     assert a.digest() == Binding(**{**a.__dict__}).digest()
+
+
+@pytest.mark.parametrize(
+    ("changed", "field"),
+    [
+        ({"audience": "deploy-svc"}, "audience"),
+        ({"ttl_seconds": 600}, "ttl_seconds"),
+        ({"requested_token_type": "urn:broker:token-type:vault-token"}, "requested_token_type"),
+        ({"backend": "vault"}, "backend"),
+        ({"reason": "another job"}, "reason"),
+        ({"claims": {"sub": "s", "actor": "alice"}}, "claims.actor"),
+        ({"policy_digest": "sha256:2"}, "policy_digest"),
+    ],
+)
+def test_the_binding_covers_what_shapes_the_credential(
+    changed: dict[str, object], field: str
+) -> None:
+    """Each field of the credential is in the digest: an approval for one is not one for the
+    other, and the difference is named."""
+    a, b = binding(), binding(**changed)
+    assert a.digest() != b.digest()
+    assert [change[0] for change in binding_changes(a.as_dict(), b.as_dict())] == [field]
+
+
+def test_changes_are_described_with_both_sides_capped() -> None:
+    changes = binding_changes(
+        binding().as_dict(),
+        binding(audience="deploy-svc", ttl_seconds=600, reason="x" * 5000).as_dict(),
+    )
+    text = describe_changes(changes)
+    assert text.startswith(
+        "audience: approved 'model:m', requested 'deploy-svc'; "
+        "ttl_seconds: approved 3600, requested 600; reason: approved none, requested 'xxx"
+    )
+    assert "[5000 characters, sha256:" in text and len(text) < 1000
+    many = [(f"f{i}", i, i + 1) for i in range(12)]
+    assert describe_changes(many).endswith("f7: approved 7, requested 8 (and 4 more)")
+
+
+# --- people -------------------------------------------------------------------------------------
+
+
+def two_sso_policy() -> Policy:
+    """The issue's case: alice has an identity at each of two people issuers."""
+    sso2 = {
+        "name": "sso2",
+        "issuer": "https://sso2.example",
+        "audiences": ["a"],
+        "kind": "people",
+        "roles_claim": "groups",
+        "jwks_uri": "https://sso2.example/k",
+    }
+    base = policy()
+    return policy(
+        issuers=[*(i.model_dump(exclude_none=True) for i in base.issuers), sso2],
+        people={
+            "alice": [
+                {"issuer": "sso", "subject": "alice@example.com"},
+                {"issuer": "sso2", "subject": "alice"},
+                {"issuer": "ci", "claim": "actor", "value": "alice"},
+            ]
+        },
+    )
+
+
+def test_people_entries_match_ignoring_case() -> None:
+    p = two_sso_policy()
+    assert persons_of(p, "sso", "Alice@Example.com", {}) == {"alice"}
+    assert persons_of(p, "sso2", "ALICE", {}) == {"alice"}
+    assert persons_of(p, "ci", "repo:x", {"actor": "Alice"}) == {"alice"}
+    # Another issuer's "alice" is nobody in particular.
+    assert persons_of(p, "ci", "alice", {}) == set()
+    # A claim the token lacks matches no value (not even one spelt "None").
+    assert persons_of(p, "ci", "repo:x", {}) == set()
+
+
+def test_two_identities_of_one_person_count_once() -> None:
+    p = two_sso_policy()
+    assert distinct_people(p, [("sso", "alice@example.com"), ("sso2", "alice")]) == 1
+    assert distinct_people(p, [("sso", "bob@example.com"), ("sso", "Bob@Example.com")]) == 1
+    assert distinct_people(p, [("sso", "alice@example.com"), ("sso", "bob@example.com")]) == 2
+
+
+def test_a_second_identity_of_a_reviewer_is_refused_as_twice() -> None:
+    p = two_sso_policy()
+    result = review_refusal(
+        p,
+        person("alice", "approver", issuer="sso2"),
+        model="m",
+        requester=("ci", "repo:x", {}),
+        earlier_reviewers=[("sso", "alice@example.com")],
+    )
+    assert result == (
+        "twice",
+        "alice has already reviewed this request (as 'alice@example.com' of sso); each person "
+        "counts once, whichever identity they use",
+    )
+
+
+def test_the_same_identity_in_another_case_is_refused_as_twice() -> None:
+    result = refusal(person("Bob@X", "approver"), earlier=(("sso", "bob@x"),))
+    assert result is not None and result[0] == "twice"
+
+
+@pytest.mark.parametrize(
+    ("reviewer", "claims"),
+    [
+        (person("alice@x", "approver"), {"actor": "Alice"}),  # the issue: actor Alice, value alice
+        (person("ALICE@X", "approver"), {"actor": "alice"}),  # the subject in another case
+    ],
+)
+def test_self_review_refused_ignoring_case(reviewer: Person, claims: dict[str, object]) -> None:
+    result = refusal(reviewer, requester=("ci", "repo:x", claims))
+    assert result is not None and result[0] == "self" and "alice" in result[1]

@@ -379,6 +379,20 @@ def test_rule_issuer_must_be_a_workload_issuer(parse: Any, policy_doc: Any) -> N
     assert "'sso' is a people issuer" in error.message
 
 
+def test_an_identity_belongs_to_one_person_ignoring_case(parse: Any, policy_doc: Any) -> None:
+    """Separation of duties matches people entries ignoring case, so two people may not share
+    one identity spelt in two cases."""
+    policy_doc["people"] = {
+        "alice": [{"issuer": "sso", "subject": "alice@example.com"}],
+        "mallory": [{"issuer": "sso", "subject": "Alice@Example.com"}],
+    }
+
+    error = policy_error(parse, policy_doc)
+
+    assert error.path == "people.mallory[0]"
+    assert error.message == "this identity is already mapped to 'alice'"
+
+
 def test_rule_actions_must_exist(parse: Any, policy_doc: Any) -> None:
     policy_doc["rules"][1]["actions"] = ["fine-tune", "retrain"]
 
