@@ -249,8 +249,8 @@ def build_broker(settings: Settings) -> Broker:
 
         enabled["aws"] = AwsBackend(policy)
     backends = BackendRegistry(enabled)
-    webhook = policy.policy.approval.webhook
-    notifier = WebhookNotifier(webhook) if webhook else None
+    webhook, secret = policy.policy.approval.webhook, policy.webhook_secret
+    notifier = WebhookNotifier(webhook, secret) if webhook and secret else None
     approvals = ApprovalService(
         policy=policy, store=store, audit=audit, notifier=notifier, clock=utcnow
     )

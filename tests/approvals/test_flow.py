@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
-from broker.api.app import create_app
 from broker.backends.base import BackendRegistry, Credential
 from broker.grants.model import Grant
-from broker.runtime import Broker, build_broker
-from broker.settings import EXAMPLE_POLICY, Settings
+from broker.runtime import Broker
 from tests.conftest import eval_token, exchange_form, person_token
 
 TRAINER = "system:serviceaccount:training:trainer"
@@ -305,66 +298,3 @@ def test_every_transition_is_an_audit_event(client: TestClient, broker: Broker) 
         "approval.used",
         "exchange.allowed",
     ]
-
-
-class Hook(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, Any]]] = []
-    fail_first = True
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if Hook.fail_first:
-            Hook.fail_first = False
-            self.send_response(500)
-        else:
-            Hook.received.append(body)
-            self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def hooked(tmp_path: Path) -> Iterator[tuple[TestClient, Broker]]:
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    policy = tmp_path / "policy.yaml"
-    text = EXAMPLE_POLICY.read_text().replace(
-        "jwks_file: keys/", f"jwks_file: {EXAMPLE_POLICY.parent}/keys/"
-    )
-    hook = f"http://127.0.0.1:{server.server_port}/hook"
-    webhook = f"  webhook: {{url: '{hook}', timeout: 2s, retries: 2}}\n  # was:"
-    text = text.replace("  # webhook: {url:", webhook)
-    policy.write_text(text)
-    broker = build_broker(Settings(dev=True, data_dir=tmp_path / "d", policy=policy))
-    broker.notifier._backoff = 0.01  # type: ignore[union-attr]
-    try:
-        with TestClient(create_app(broker=broker)) as client:
-            yield client, broker
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_webhook_on_open_and_resolve_with_retries_and_no_tokens(
-    hooked: tuple[TestClient, Broker],
-) -> None:
-    client, broker = hooked
-    Hook.received.clear()
-    Hook.fail_first = True
-    token = trainer(broker)
-    approval_id = client.post(
-        "/v1/token", data=exchange_form(token, action="fine-tune", lineage=LINEAGE)
-    ).json()["approval_id"]
-    person = person_token(broker, "approver", sub="bob@example.com")
-    client.post(
-        f"/v1/approvals/{approval_id}/approve", json={"reason": "ok"}, headers=bearer(person)
-    )
-    assert broker.notifier is not None
-    broker.notifier.close()  # delivers what is queued
-    assert [b["event"] for b in Hook.received] == ["approval.requested", "approval.approved"]
-    assert all(b["approval"]["id"] == approval_id for b in Hook.received)
-    text = json.dumps(Hook.received)
-    assert token not in text and person not in text
