@@ -11,13 +11,13 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from broker.approvals.rollback_tests import RollbackTests
 from broker.approvals.rules import (
     ApprovalState,
     Binding,
     differences,
     effective_state,
     review_refusal,
-    rollback_gap,
 )
 from broker.approvals.webhook import Notifier
 from broker.audit.log import AuditLog, rfc3339
@@ -33,7 +33,8 @@ MAX_LIST = 1000
 
 
 class RollbackUntested(BrokerError):
-    """A rollback-gated request lacks a named rollback point or fresh evidence of a rollback."""
+    """A rollback-gated request lacks a named rollback point or a recorded, passed, fresh and
+    independent test of it."""
 
     code = "rollback_untested"
     status = 409
@@ -81,9 +82,12 @@ class ApprovalService:
         store: Store,
         audit: AuditLog,
         notifier: Notifier | None,
+        rollback_tests: RollbackTests,
         clock: Callable[[], dt.datetime],
     ) -> None:
         self.policy = policy
+        self.rollback_tests = rollback_tests
+        """The recorded rollback tests that the rollback gate counts."""
         self.store = store
         self.audit = audit
         self.notifier = notifier
@@ -225,9 +229,11 @@ class ApprovalService:
             row = session.get(ApprovalRow, approval_id)
             if row is None:
                 return f"approval {approval_id!r} does not exist"
-            return self._unusable(row, binding, self.clock())
+            return self._unusable(session, row, binding, self.clock())
 
-    def _unusable(self, row: ApprovalRow, binding: Binding, now: dt.datetime) -> str | None:
+    def _unusable(
+        self, session: Session, row: ApprovalRow, binding: Binding, now: dt.datetime
+    ) -> str | None:
         state = effective_state(
             row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
         )
@@ -237,12 +243,19 @@ class ApprovalService:
             changed = ", ".join(differences(row.bound, binding.as_dict())) or "the request"
             return f"approval {row.id} was given for a different request (differs in: {changed})"
         if row.rollback_required:
-            gap = rollback_gap(
-                binding.lineage, now=now, max_age=self.settings.rollback_test_max_age
-            )
-            if gap:
-                return gap
+            # NOTE: the gate again at use: the test that allowed the approval may have gone
+            # stale, or a failed one been recorded since.
+            return self._rollback_gap(session, row, now)
         return None
+
+    def _rollback_gap(self, session: Session, row: ApprovalRow, now: dt.datetime) -> str | None:
+        return self.rollback_tests.gap(
+            session,
+            model=row.model,
+            lineage=row.bound.get("lineage"),
+            requester=(row.issuer, row.subject, row.bound.get("claims", {})),
+            now=now,
+        )
 
     def consume(self, session: Session, approval_id: str, binding: Binding, grant_id: str) -> None:
         """Mark the approval used by ``grant_id`` in the exchange's own transaction. Single use:
@@ -293,9 +306,7 @@ class ApprovalService:
                 kind, message = refusal
                 raise (Conflict if kind == "twice" else Forbidden)(message)
             if decision == "approve" and row.rollback_required:
-                gap = rollback_gap(
-                    row.bound.get("lineage"), now=now, max_age=self.settings.rollback_test_max_age
-                )
+                gap = self._rollback_gap(session, row, now)
                 if gap:
                     raise RollbackUntested(f"approval {approval_id} cannot complete: {gap}")
             session.add(

@@ -699,6 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_approvals_review)
 
+    from broker.cli.rollback_tests import add_commands  # needs this module loaded first
+
+    add_commands(sub)
+
     p = sub.add_parser("lineage", help="who changed a model, with what, approved by whom")
     p.add_argument("model")
     _common(p, bearer=True)

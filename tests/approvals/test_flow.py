@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from broker.backends.base import BackendRegistry, Credential
 from broker.grants.model import Grant
 from broker.runtime import Broker
+from tests.approvals.support import POINT, drill_token, point_lineage, report_test
 from tests.conftest import eval_token, exchange_form, person_token
 
 TRAINER = "system:serviceaccount:training:trainer"
@@ -85,16 +86,8 @@ def test_exchange_opens_a_request_then_an_approval_is_used_once(
 
 
 def test_threshold_two_needs_two_distinct_approvers(client: TestClient, broker: Broker) -> None:
-    lineage = {
-        "rollback_point": {
-            "uri": "s3://w/v1",
-            "test": {
-                "ref": "ci://rollback/9",
-                "result": "passed",
-                "tested_at": dt.datetime.now(dt.UTC).isoformat(),
-            },
-        }
-    }
+    lineage = {"rollback_point": POINT}
+    assert report_test(client, drill_token(broker)).status_code == 201
     token = releaser(broker)
     opened = client.post(
         "/v1/approvals",
@@ -195,18 +188,24 @@ def test_rollback_gate_names_what_is_missing(client: TestClient, broker: Broker)
     gate = review(client, broker, approval_id, "approve", "bob@example.com")
     assert gate.status_code == 409 and gate.json()["error"] == "rollback_untested"
     assert "lineage.rollback_point is missing" in gate.json()["error_description"]
-    stale = {
-        "rollback_point": {
-            "uri": "s3://w/v1",
-            "test": {"ref": "ci://rb/1", "result": "passed", "tested_at": "2020-01-01T00:00:00Z"},
-        }
-    }
-    approval_id = client.post(
-        "/v1/token",
-        data=exchange_form(releaser(broker), action="deploy-weights", lineage=json.dumps(stale)),
-    ).json()["approval_id"]
+
+
+def test_rollback_evidence_the_requester_wrote_itself_does_not_pass_the_gate(
+    client: TestClient, broker: Broker
+) -> None:
+    """The reproduced case: a passed, fresh ``rollback_point.test`` in the requester's own
+    lineage satisfied the gate. It is kept as information; the gate wants a recorded test."""
+    now = dt.datetime.now(dt.UTC).isoformat()
+    lineage = point_lineage(test={"ref": "ci://rb/1", "result": "passed", "tested_at": now})
+    form = exchange_form(releaser(broker), action="deploy-weights", lineage=lineage)
+    approval_id = client.post("/v1/token", data=form).json()["approval_id"]
+    kept = broker.approvals.get(approval_id)["bound"]["lineage"]["rollback_point"]["test"]
+    assert (kept["ref"], kept["result"]) == ("ci://rb/1", "passed")
     gate = review(client, broker, approval_id, "approve", "bob@example.com")
-    assert gate.status_code == 409 and "rollback_test_max_age" in gate.json()["error_description"]
+    assert gate.status_code == 409 and gate.json()["error"] == "rollback_untested"
+    described = gate.json()["error_description"]
+    assert "no rollback test of s3://models/llama-7b/weights/v41" in described
+    assert broker.approvals.get(approval_id)["reviews"] == []
 
 
 def test_low_tier_never_asks_for_approval(client: TestClient, broker: Broker) -> None:
