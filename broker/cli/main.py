@@ -699,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_approvals_review)
 
-    from broker.cli.rollback_tests import add_commands  # needs this module loaded first
+    # Imported here: broker.cli.rollback_tests uses this module's helpers (no import cycle).
+    from broker.cli.rollback_tests import add_commands
 
     add_commands(sub)
 
