@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from broker.approvals.rollback_tests import RollbackTests
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
 from broker.audit.log import AuditLog
@@ -68,6 +69,7 @@ class Broker:
     metrics: Metrics
     audit: AuditLog
     approvals: ApprovalService
+    rollback_tests: RollbackTests
     notifier: WebhookNotifier | None
     dev_issuer: DevIssuer | None
     refusals: RefusalBudget
@@ -249,10 +251,16 @@ def build_broker(settings: Settings) -> Broker:
 
         enabled["aws"] = AwsBackend(policy)
     backends = BackendRegistry(enabled)
-    webhook = policy.policy.approval.webhook
-    notifier = WebhookNotifier(webhook) if webhook else None
+    webhook, secret = policy.policy.approval.webhook, policy.webhook_secret
+    notifier = WebhookNotifier(webhook, secret) if webhook and secret else None
+    rollback_tests = RollbackTests(policy=policy, store=store, audit=audit, clock=utcnow)
     approvals = ApprovalService(
-        policy=policy, store=store, audit=audit, notifier=notifier, clock=utcnow
+        policy=policy,
+        store=store,
+        audit=audit,
+        notifier=notifier,
+        rollback_tests=rollback_tests,
+        clock=utcnow,
     )
     grants = GrantService(
         policy=policy,
@@ -288,6 +296,7 @@ def build_broker(settings: Settings) -> Broker:
         metrics=Metrics(),
         audit=audit,
         approvals=approvals,
+        rollback_tests=rollback_tests,
         notifier=notifier,
         dev_issuer=dev_issuer,
         refusals=RefusalBudget(burst=settings.refusal_burst, rate=settings.refusal_rate),

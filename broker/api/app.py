@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.api import admin, approvals, audit, dev, public, token
+from broker.api import admin, approvals, audit, dev, public, rollback_tests, token
 from broker.api.bodies import BodyLimit
 from broker.api.clients import ClientAddresses, parse_networks
 from broker.bounds import capped
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.include_router(admin.router)
     app.include_router(audit.router)
     app.include_router(approvals.router)
+    app.include_router(rollback_tests.router)
     app.include_router(public.router)
     if instance.settings.dev:
         app.include_router(dev.router)

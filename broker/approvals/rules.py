@@ -1,6 +1,6 @@
-"""The approval rules, pure: what a request binds to, its states, who counts as which person,
-who may review it, and the rollback gate. No I/O; :mod:`broker.approvals.service` applies them
-to the store."""
+"""The approval rules, pure: what a request binds to, its states, who counts as which person
+and who may review it (the rollback gate is :mod:`broker.approvals.rollback`). No I/O;
+:mod:`broker.approvals.service` applies them to the store."""
 
 from __future__ import annotations
 
@@ -227,31 +227,4 @@ def review_refusal(
                 else f"{shown(reviewer.subject)} has already reviewed this request"
             )
             return "twice", f"{done}; each person counts once, whichever identity they use"
-    return None
-
-
-def rollback_gap(
-    lineage: Mapping[str, Any] | None, *, now: dt.datetime, max_age: int
-) -> str | None:
-    """What is missing before a request for a rollback-gated action may be approved, or None."""
-    point = (lineage or {}).get("rollback_point")
-    if not point:
-        return "lineage.rollback_point is missing: name the rollback point (uri, sha256)"
-    test = point.get("test")
-    if not test:
-        return (
-            "lineage.rollback_point.test is missing: give evidence that rolling back to "
-            f"{point['uri']} was exercised (ref, result, tested_at)"
-        )
-    if test["result"] != "passed":
-        return f"the rollback test {test['ref']} has result {test['result']!r}, expected 'passed'"
-    tested_at = dt.datetime.fromisoformat(str(test["tested_at"]).replace("Z", "+00:00"))
-    if tested_at > now + dt.timedelta(minutes=5):
-        return f"the rollback test {test['ref']} is dated in the future ({tested_at.isoformat()})"
-    age = (now - tested_at).total_seconds()
-    if age > max_age:
-        return (
-            f"the rollback test {test['ref']} ran at {tested_at.isoformat()}, "
-            f"{int(age)} s ago; the policy accepts at most {max_age} s (rollback_test_max_age)"
-        )
     return None

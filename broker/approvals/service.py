@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from broker.approvals.rollback_tests import RollbackTests
 from broker.approvals.rules import (
     ApprovalState,
     Binding,
@@ -20,7 +21,6 @@ from broker.approvals.rules import (
     effective_state,
     persons_of,
     review_refusal,
-    rollback_gap,
 )
 from broker.approvals.webhook import Notifier
 from broker.audit.log import AuditLog, rfc3339
@@ -36,7 +36,8 @@ MAX_LIST = 1000
 
 
 class RollbackUntested(BrokerError):
-    """A rollback-gated request lacks a named rollback point or fresh evidence of a rollback."""
+    """A rollback-gated request lacks a named rollback point or a recorded, passed, fresh and
+    independent test of it."""
 
     code = "rollback_untested"
     status = 409
@@ -91,9 +92,12 @@ class ApprovalService:
         store: Store,
         audit: AuditLog,
         notifier: Notifier | None,
+        rollback_tests: RollbackTests,
         clock: Callable[[], dt.datetime],
     ) -> None:
         self.policy = policy
+        self.rollback_tests = rollback_tests
+        """The recorded rollback tests that the rollback gate counts."""
         self.store = store
         self.audit = audit
         self.notifier = notifier
@@ -290,7 +294,7 @@ class ApprovalService:
         """Why ``approval_id`` cannot cover a request bound to ``binding`` now, or None."""
         with self.store.read() as session:
             row = session.get(ApprovalRow, approval_id)
-            return self._unusable(row, approval_id, binding, self.clock())
+            return self._unusable(session, row, approval_id, binding, self.clock())
 
     def live_request(self, approval_id: str, binding: Binding) -> str | None:
         """``approval_id`` when it is a live (pending or approved) request for exactly
@@ -307,7 +311,12 @@ class ApprovalService:
             return row.id if live else None
 
     def _unusable(
-        self, row: ApprovalRow | None, approval_id: str, binding: Binding, now: dt.datetime
+        self,
+        session: Session,
+        row: ApprovalRow | None,
+        approval_id: str,
+        binding: Binding,
+        now: dt.datetime,
     ) -> str | None:
         # NOTE: another workload's request is reported like one that does not exist: what
         # it was approved for is not this caller's to read (GET /v1/approvals/{id} agrees).
@@ -329,12 +338,19 @@ class ApprovalService:
         if problems:
             return "; ".join(problems)
         if row.rollback_required:
-            gap = rollback_gap(
-                binding.lineage, now=now, max_age=self.settings.rollback_test_max_age
-            )
-            if gap:
-                return gap
+            # NOTE: the gate again at use: the test that allowed the approval may have gone
+            # stale, or a failed one been recorded since.
+            return self._rollback_gap(session, row, now)
         return None
+
+    def _rollback_gap(self, session: Session, row: ApprovalRow, now: dt.datetime) -> str | None:
+        return self.rollback_tests.gap(
+            session,
+            model=row.model,
+            lineage=row.bound.get("lineage"),
+            requester=(row.issuer, row.subject, row.bound.get("claims", {})),
+            now=now,
+        )
 
     def consume(self, session: Session, approval_id: str, binding: Binding, grant_id: str) -> None:
         """Mark the approval used by ``grant_id`` in the exchange's own transaction. Single use:
@@ -385,9 +401,7 @@ class ApprovalService:
                 kind, message = refusal
                 raise (Conflict if kind == "twice" else Forbidden)(message)
             if decision == "approve" and row.rollback_required:
-                gap = rollback_gap(
-                    row.bound.get("lineage"), now=now, max_age=self.settings.rollback_test_max_age
-                )
+                gap = self._rollback_gap(session, row, now)
                 if gap:
                     raise RollbackUntested(f"approval {approval_id} cannot complete: {gap}")
             session.add(

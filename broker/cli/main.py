@@ -909,6 +909,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_approvals_review)
 
+    # Imported here: broker.cli.rollback_tests uses this module's helpers (no import cycle).
+    from broker.cli.rollback_tests import add_commands
+
+    add_commands(sub)
+
     p = sub.add_parser("lineage", help="who changed a model, with what, approved by whom")
     p.add_argument("model")
     _common(p, bearer=True)

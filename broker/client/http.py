@@ -174,6 +174,18 @@ class BrokerClient:
     def act_on_approval(self, approval_id: str, verb: str, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/approvals/{approval_id}/{verb}", json={"reason": reason})
 
+    def report_rollback_test(self, **body: Any) -> dict[str, Any]:
+        return self._call(
+            "POST", "/v1/rollback-tests", json={k: v for k, v in body.items() if v is not None}
+        )
+
+    def list_rollback_tests(self, **filters: str | None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        found: list[dict[str, Any]] = self._call("GET", "/v1/rollback-tests", params=params)[
+            "rollback_tests"
+        ]
+        return found
+
     def lineage(self, model: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/lineage/{model}")
 

@@ -1,14 +1,16 @@
 """Read, validate and compile a policy file.
 
-This is the policy package's only I/O: the YAML file itself and the ``jwks_file`` key sets it
-names. Everything is checked at load time, so a broker never starts with a policy it would
-have to reject half-way through a request. Every problem becomes a
-:class:`~broker.errors.PolicyError` naming the file, the place in the document
+This is the policy package's only I/O: the YAML file itself, the ``jwks_file`` key sets and
+the webhook ``secret_file`` it names. Everything is checked at load time, so a broker never
+starts with a policy it would have to reject half-way through a request. Every problem becomes
+a :class:`~broker.errors.PolicyError` naming the file, the place in the document
 (``rules[2].issuer``, ``actions.fine-tune.max_ttl``) and what is wrong.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import json
 import re
@@ -66,6 +68,8 @@ class LoadedPolicy:
     jwks: Mapping[str, Mapping[str, Any]] = field(repr=False)
     group_roles: Mapping[str, frozenset[str]] = field(repr=False)
     """A people issuer's group value → the role names it grants (the inverse of ``roles``)."""
+    webhook_secret: str | None = field(default=None, repr=False)
+    """The webhook signing secret read from ``approval.webhook.secret_file`` (``whsec_...``)."""
 
     def roles_for(self, groups: Iterable[str]) -> frozenset[str]:
         """The role names (``admin``, ``approver``, ``auditor``) that ``groups`` grant.
@@ -114,6 +118,8 @@ def parse_policy(text: str, *, source: str, base_dir: Path, dev_mode: bool = Fal
         _check_rule_references(policy, index, rule, source)
     _check_people(policy, source)
     policy, jwks = _load_key_sets(policy, source, base_dir)
+    webhook = policy.approval.webhook
+    secret = _read_webhook_secret(base_dir / webhook.secret_file, source) if webhook else None
     digest = policy_digest(
         policy, jwks_fingerprints={name: sha256_digest(doc) for name, doc in jwks.items()}
     )
@@ -124,6 +130,7 @@ def parse_policy(text: str, *, source: str, base_dir: Path, dev_mode: bool = Fal
         rules=tuple(_compile_rule(rule) for rule in policy.rules),
         jwks=MappingProxyType(jwks),
         group_roles=MappingProxyType(_group_roles(policy)),
+        webhook_secret=secret,
     )
 
 
@@ -440,6 +447,44 @@ def _check_public_key(key: object, position: int, fail: Callable[[str], PolicyEr
         jwt.PyJWK(key)
     except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
         raise fail(f"keys[{position}] is not a usable public key: {exc}") from exc
+
+
+# --- webhook secret ------------------------------------------------------------------------------
+
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 (the format's prefix, not a secret)
+WEBHOOK_SECRET_BYTES = (24, 64)
+"""The Standard Webhooks specification's bounds on a signing secret's length."""
+
+
+def _read_webhook_secret(path: Path, source: str) -> str:
+    """The Standard Webhooks secret in ``path``: ``whsec_`` and the base64 of 24 to 64 random
+    bytes (surrounding whitespace is ignored). Raises PolicyError; never quotes the file."""
+    where = "approval.webhook.secret_file"
+    path = path.resolve()
+    try:
+        text = path.read_bytes().decode("ascii").strip()
+    except OSError as exc:
+        raise PolicyError(
+            source, where, f"{path}: cannot read the secret: {exc.strerror or exc}"
+        ) from exc
+    except UnicodeDecodeError:
+        text = ""
+    body = text.removeprefix(WEBHOOK_SECRET_PREFIX)
+    try:
+        secret = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except binascii.Error:
+        secret = b""
+    low, high = WEBHOOK_SECRET_BYTES
+    if not text.startswith(WEBHOOK_SECRET_PREFIX) or not low <= len(secret) <= high:
+        # NOTE: the message describes the expected form only: the file holds a secret.
+        raise PolicyError(
+            source,
+            where,
+            f"{path}: not a Standard Webhooks secret: expected {WEBHOOK_SECRET_PREFIX} followed "
+            f"by the base64 of {low} to {high} random bytes, e.g. from "
+            "`echo whsec_$(head -c 32 /dev/urandom | base64)`",
+        )
+    return text
 
 
 # --- compilation ---------------------------------------------------------------------------------

@@ -244,6 +244,9 @@ class TierConfig(_Strict):
 
 class WebhookConfig(_Strict):
     url: str = Field(pattern=r"^https?://\S+$")
+    secret_file: Path
+    """The Standard Webhooks signing secret (``whsec_`` + base64), relative to the policy file;
+    read and checked when the policy loads (the secret itself never enters the policy)."""
     timeout: Duration = 5
     retries: int = Field(default=3, ge=0, le=10)
 
@@ -256,7 +259,8 @@ class ApprovalSettings(_Strict):
     rollback_test_max_age: Duration = 7 * 86400
     """Evidence that rolling back was exercised must be at most this old when approved."""
     webhook: WebhookConfig | None = None
-    """Called (JSON POST, never with tokens) when a request is opened and when it resolves."""
+    """Called (signed JSON POST, never with tokens) when a request is opened and when it
+    resolves."""
 
 
 class IdentityRef(_Strict):

@@ -202,3 +202,30 @@ class RevocationRow(Base):
     done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_revocations_due", "status", "next_attempt_at"),)
+
+
+class RollbackTestRow(Base):
+    """A rollback test as a workload that the policy allows ``rollback-test`` reported it: the
+    rollback point it exercised (exactly one uri and sha256), the result and who reported it.
+    Written once, never changed; the rollback gate counts only these."""
+
+    __tablename__ = "rollback_tests"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200))
+    point_uri: Mapped[str] = mapped_column(String(2048))
+    point_sha256: Mapped[str] = mapped_column(String(64))
+    result: Mapped[str] = mapped_column(String(16))  # passed | failed
+    evidence_uri: Mapped[str | None] = mapped_column(String(2048))
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    recorded_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    reporter_issuer: Mapped[str] = mapped_column(String(100))  # policy issuer name
+    reporter_subject: Mapped[str] = mapped_column(String(500))
+    reporter_claims: Mapped[dict[str, Any]] = mapped_column(JSON)  # checked and people claims
+    rule: Mapped[str] = mapped_column(String(200))
+    audit_index: Mapped[int] = mapped_column(BigInteger)  # its rollback_test.recorded event
+
+    # NOTE: the sha256 and not the uri is indexed: a 2,048-character uri can exceed what a
+    # PostgreSQL btree entry holds.
+    __table_args__ = (Index("ix_rollback_tests_point", "model", "point_sha256"),)

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from broker.runtime import Broker
+from tests.approvals.support import drill_token
 from tests.conftest import LiveServer, eval_token, exchange_form, person_token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,3 +91,20 @@ def test_surrounding_whitespace_is_ignored_everywhere(client: TestClient, broker
     auth = {"Authorization": f"Bearer {person_token(broker, 'auditor')} "}
     token = f"\n{issued.json()['access_token']}\n"
     assert client.post("/v1/introspect", data={"token": token}, headers=auth).json()["active"]
+
+
+def test_the_documented_rollback_test_report_and_list_work(
+    live: tuple[LiveServer, Broker], tmp_path: Path
+) -> None:
+    server, broker = live
+    (tmp_path / "drill.jwt").write_text(drill_token(broker) + "\n")
+    command = curl_command("docs/api.md", "curl -s $B/v1/rollback-tests")
+    recorded = run(command, tmp_path, B=server.url)
+    assert recorded["result"] == "passed" and recorded["id"].startswith("rt_"), recorded
+    listed = run(
+        curl_command("docs/api.md", 'curl -s "$B/v1/rollback-tests?model=llama-7b"'),
+        tmp_path,
+        B=server.url,
+        BROKER_TOKEN=person_token(broker, "auditor"),
+    )
+    assert [t["id"] for t in listed["rollback_tests"]] == [recorded["id"]]

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
-from broker.api.app import create_app
 from broker.backends.base import BackendRegistry, Credential
 from broker.grants.model import Grant
-from broker.runtime import Broker, build_broker
-from broker.settings import EXAMPLE_POLICY, Settings
+from broker.runtime import Broker
+from tests.approvals.support import POINT, drill_token, point_lineage, report_test
 from tests.conftest import eval_token, exchange_form, person_token
 
 TRAINER = "system:serviceaccount:training:trainer"
@@ -96,16 +90,8 @@ def test_exchange_opens_a_request_then_an_approval_is_used_once(
 
 
 def test_threshold_two_needs_two_distinct_approvers(client: TestClient, broker: Broker) -> None:
-    lineage = {
-        "rollback_point": {
-            "uri": "s3://w/v1",
-            "test": {
-                "ref": "ci://rollback/9",
-                "result": "passed",
-                "tested_at": dt.datetime.now(dt.UTC).isoformat(),
-            },
-        }
-    }
+    lineage = {"rollback_point": POINT}
+    assert report_test(client, drill_token(broker)).status_code == 201
     token = releaser(broker)
     opened = client.post(
         "/v1/approvals",
@@ -207,18 +193,24 @@ def test_rollback_gate_names_what_is_missing(client: TestClient, broker: Broker)
     gate = review(client, broker, approval_id, "approve", "bob@example.com")
     assert gate.status_code == 409 and gate.json()["error"] == "rollback_untested"
     assert "lineage.rollback_point is missing" in gate.json()["error_description"]
-    stale = {
-        "rollback_point": {
-            "uri": "s3://w/v1",
-            "test": {"ref": "ci://rb/1", "result": "passed", "tested_at": "2020-01-01T00:00:00Z"},
-        }
-    }
-    approval_id = client.post(
-        "/v1/token",
-        data=exchange_form(releaser(broker), action="deploy-weights", lineage=json.dumps(stale)),
-    ).json()["approval_id"]
+
+
+def test_rollback_evidence_the_requester_wrote_itself_does_not_pass_the_gate(
+    client: TestClient, broker: Broker
+) -> None:
+    """The reproduced case: a passed, fresh ``rollback_point.test`` in the requester's own
+    lineage satisfied the gate. It is kept as information; the gate wants a recorded test."""
+    now = dt.datetime.now(dt.UTC).isoformat()
+    lineage = point_lineage(test={"ref": "ci://rb/1", "result": "passed", "tested_at": now})
+    form = exchange_form(releaser(broker), action="deploy-weights", lineage=lineage)
+    approval_id = client.post("/v1/token", data=form).json()["approval_id"]
+    kept = broker.approvals.get(approval_id)["bound"]["lineage"]["rollback_point"]["test"]
+    assert (kept["ref"], kept["result"]) == ("ci://rb/1", "passed")
     gate = review(client, broker, approval_id, "approve", "bob@example.com")
-    assert gate.status_code == 409 and "rollback_test_max_age" in gate.json()["error_description"]
+    assert gate.status_code == 409 and gate.json()["error"] == "rollback_untested"
+    described = gate.json()["error_description"]
+    assert "no rollback test of s3://models/llama-7b/weights/v41" in described
+    assert broker.approvals.get(approval_id)["reviews"] == []
 
 
 def test_low_tier_never_asks_for_approval(client: TestClient, broker: Broker) -> None:
@@ -310,66 +302,3 @@ def test_every_transition_is_an_audit_event(client: TestClient, broker: Broker) 
         "approval.used",
         "exchange.allowed",
     ]
-
-
-class Hook(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, Any]]] = []
-    fail_first = True
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if Hook.fail_first:
-            Hook.fail_first = False
-            self.send_response(500)
-        else:
-            Hook.received.append(body)
-            self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def hooked(tmp_path: Path) -> Iterator[tuple[TestClient, Broker]]:
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    policy = tmp_path / "policy.yaml"
-    text = EXAMPLE_POLICY.read_text().replace(
-        "jwks_file: keys/", f"jwks_file: {EXAMPLE_POLICY.parent}/keys/"
-    )
-    hook = f"http://127.0.0.1:{server.server_port}/hook"
-    webhook = f"  webhook: {{url: '{hook}', timeout: 2s, retries: 2}}\n  # was:"
-    text = text.replace("  # webhook: {url:", webhook)
-    policy.write_text(text)
-    broker = build_broker(Settings(dev=True, data_dir=tmp_path / "d", policy=policy))
-    broker.notifier._backoff = 0.01  # type: ignore[union-attr]
-    try:
-        with TestClient(create_app(broker=broker)) as client:
-            yield client, broker
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_webhook_on_open_and_resolve_with_retries_and_no_tokens(
-    hooked: tuple[TestClient, Broker],
-) -> None:
-    client, broker = hooked
-    Hook.received.clear()
-    Hook.fail_first = True
-    token = trainer(broker)
-    approval_id = client.post(
-        "/v1/token", data=exchange_form(token, action="fine-tune", lineage=LINEAGE)
-    ).json()["approval_id"]
-    person = person_token(broker, "approver", sub="bob@example.com")
-    client.post(
-        f"/v1/approvals/{approval_id}/approve", json={"reason": "ok"}, headers=bearer(person)
-    )
-    assert broker.notifier is not None
-    broker.notifier.close()  # delivers what is queued
-    assert [b["event"] for b in Hook.received] == ["approval.requested", "approval.approved"]
-    assert all(b["approval"]["id"] == approval_id for b in Hook.received)
-    text = json.dumps(Hook.received)
-    assert token not in text and person not in text

@@ -1,4 +1,5 @@
-"""The pure approval rules: separation of duties, the rollback gate, states, bindings."""
+"""The pure approval rules: separation of duties, states, bindings (the rollback gate:
+tests/approvals/test_rollback.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from broker.approvals.rules import (
     effective_state,
     persons_of,
     review_refusal,
-    rollback_gap,
 )
 from broker.identity.types import Person, _seal_person
 from broker.policy.model import Policy
@@ -115,38 +115,6 @@ def test_self_review_refused_through_a_mapped_second_identity() -> None:
 def test_each_reviewer_counts_once() -> None:
     result = refusal(person("bob@x", "approver"), earlier=(("sso", "bob@x"),))
     assert result is not None and result[0] == "twice"
-
-
-def lineage(**test: object) -> dict[str, object]:
-    base: dict[str, object] = {
-        "ref": "ci://run/1",
-        "result": "passed",
-        "tested_at": (NOW - dt.timedelta(days=1)).isoformat(),
-    }
-    base.update(test)
-    return {"rollback_point": {"uri": "s3://w/v1", "test": base}}
-
-
-@pytest.mark.parametrize(
-    ("given", "missing"),
-    [
-        (None, "lineage.rollback_point is missing"),
-        ({"rollback_point": {"uri": "s3://w/v1"}}, "lineage.rollback_point.test is missing"),
-        (lineage(result="failed"), "result 'failed', expected 'passed'"),
-        (
-            lineage(tested_at=(NOW - dt.timedelta(days=9)).isoformat()),
-            "the policy accepts at most 604800 s",
-        ),
-        (lineage(tested_at=(NOW + dt.timedelta(days=1)).isoformat()), "in the future"),
-    ],
-)
-def test_rollback_gate_names_what_is_missing(given: dict[str, object] | None, missing: str) -> None:
-    gap = rollback_gap(given, now=NOW, max_age=7 * 86400)
-    assert gap is not None and missing in gap
-
-
-def test_rollback_gate_passes_with_fresh_evidence() -> None:
-    assert rollback_gap(lineage(), now=NOW, max_age=7 * 86400) is None
 
 
 def test_states_expire() -> None:

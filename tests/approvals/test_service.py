@@ -1,11 +1,11 @@
-"""ApprovalService's checks at the moment an approval is used: the rollback gate again, and the
-binding once more in the single-use UPDATE itself (for a check that saw another state)."""
+"""ApprovalService's checks at the moment an approval is used: the rollback gate again (a
+recorded test that went stale or failed since), and the binding once more in the single-use
+UPDATE itself (for a check that saw another state)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 from typing import Any
 
 import pytest
@@ -14,14 +14,10 @@ from fastapi.testclient import TestClient
 from broker.approvals.rules import Binding
 from broker.errors import Conflict
 from broker.runtime import Broker
+from tests.approvals.support import drill_token, point_lineage, report_test
 from tests.approvals.test_flow import ask, releaser, review
 from tests.conftest import exchange_form
 from tests.faults import grant_statuses
-
-
-def rollback_lineage(tested_at: dt.datetime) -> str:
-    test = {"ref": "ci://rollback/7", "result": "passed", "tested_at": tested_at.isoformat()}
-    return json.dumps({"rollback_point": {"uri": "s3://weights/v1", "test": test}})
 
 
 def deploy(client: TestClient, broker: Broker, lineage: str, **form: str) -> Any:
@@ -29,23 +25,33 @@ def deploy(client: TestClient, broker: Broker, lineage: str, **form: str) -> Any
     return client.post("/v1/token", data=data)
 
 
+def approve_deploy(client: TestClient, broker: Broker, lineage: str) -> str:
+    approval_id = deploy(client, broker, lineage).json()["approval_id"]
+    for person in ("bob@example.com", "carol@example.com"):
+        assert review(client, broker, approval_id, "approve", person).status_code == 200
+    assert broker.approvals.get(approval_id)["status"] == "approved"
+    return str(approval_id)
+
+
 def approved_binding(broker: Broker, approval_id: str) -> Binding:
     """The binding the approval was given for, as stored with it."""
     return Binding(**broker.approvals.get(approval_id)["bound"])
 
 
-def test_rollback_evidence_gone_stale_since_the_approval_is_refused_at_use(
+def test_a_rollback_test_gone_stale_since_the_approval_is_refused_at_use(
     client: TestClient, broker: Broker
 ) -> None:
     settings = broker.policy.policy.approval
     assert settings.rollback_test_max_age > 3600 > 1800 and settings.approved_ttl == 3600
-    # Fresh at review time, with ten minutes to spare; the approval stays valid for an hour.
-    tested_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.rollback_test_max_age - 600)
-    lineage = rollback_lineage(tested_at)
-    approval_id = deploy(client, broker, lineage).json()["approval_id"]
-    for person in ("bob@example.com", "carol@example.com"):
-        assert review(client, broker, approval_id, "approve", person).status_code == 200
-    assert broker.approvals.get(approval_id)["status"] == "approved"
+    # Recorded fresh at review time, with ten minutes to spare; the approval stays valid for
+    # an hour.
+    real = broker.rollback_tests.clock
+    age = dt.timedelta(seconds=settings.rollback_test_max_age - 600)
+    broker.rollback_tests.clock = lambda: real() - age
+    assert report_test(client, drill_token(broker)).status_code == 201
+    broker.rollback_tests.clock = real
+    lineage = point_lineage()
+    approval_id = approve_deploy(client, broker, lineage)
 
     real_clock = broker.approvals.clock
     broker.approvals.clock = lambda: real_clock() + dt.timedelta(minutes=30)
@@ -56,8 +62,24 @@ def test_rollback_evidence_gone_stale_since_the_approval_is_refused_at_use(
     assert broker.approvals.get(approval_id)["status"] == "approved"  # not spent
     assert grant_statuses(broker) == {}
 
-    # The same exchange, with evidence still fresh, is what the approval covers.
+    # The same exchange, with the test still fresh, is what the approval covers.
     broker.approvals.clock = real_clock
+    assert deploy(client, broker, lineage, approval_id=approval_id).status_code == 200
+
+
+def test_a_failed_rollback_test_recorded_since_the_approval_is_refused_at_use(
+    client: TestClient, broker: Broker
+) -> None:
+    assert report_test(client, drill_token(broker)).status_code == 201
+    lineage = point_lineage()
+    approval_id = approve_deploy(client, broker, lineage)
+    assert report_test(client, drill_token(broker), result="failed").status_code == 201
+
+    refused = deploy(client, broker, lineage, approval_id=approval_id)
+    assert refused.status_code == 403, refused.text
+    assert "the newest recorded rollback test of" in refused.json()["error_description"]
+    assert grant_statuses(broker) == {}
+    assert report_test(client, drill_token(broker)).status_code == 201
     assert deploy(client, broker, lineage, approval_id=approval_id).status_code == 200
 
 

@@ -47,9 +47,11 @@ def test_example_policy_loads_in_dev_mode() -> None:
     assert [r.name for r in policy.rules] == [
         "nightly-eval",
         "trainer",
+        "rollback-tester",
         "dev-nightly-eval",
         "dev-trainer",
         "dev-release",
+        "dev-rollback-tester",
     ]
     assert set(policy.models) == {"llama-7b", "mistral-7b"}
     assert policy.actions["deploy-weights"].max_ttl == 900

@@ -20,6 +20,7 @@ from broker.audit.export import verify_store
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.tables import EventRow, UsedTokenRow
+from tests.approvals.support import drill_token, report_test
 from tests.conftest import eval_token, exchange_form, person_token, post_concurrently
 from tests.servers import Postgres
 
@@ -146,3 +147,19 @@ def test_the_write_probe_on_postgres(pg_broker: tuple[TestClient, Broker]) -> No
     finally:
         event.remove(broker.store.engine, "connect", read_only)
         broker.store.engine.dispose()
+
+
+def test_rollback_test_reports_spend_their_token_once_on_postgres(
+    pg_broker: tuple[TestClient, Broker],
+) -> None:
+    """A replayed report fails its spend inside a PostgreSQL transaction (which aborts it); the
+    refusal is still recorded, in a transaction of its own."""
+    client, broker = pg_broker
+    token = drill_token(broker)
+    assert report_test(client, token).status_code == 201
+    again = report_test(client, token)
+    assert again.status_code == 401 and "replayed" in again.json()["error_description"]
+    with broker.store.read() as session:
+        types = list(session.scalars(select(EventRow.type).order_by(EventRow.idx)))
+    assert types == ["policy.loaded", "rollback_test.recorded", "rollback_test.refused"]
+    assert [t["result"] for t in broker.rollback_tests.find()] == ["passed"]
