@@ -17,6 +17,7 @@ from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.tables import GrantRow
 from tests.conftest import eval_token, exchange_form
+from tests.servers import Part, unavailable
 
 
 def _sqlite(broker: Broker, sql: str) -> Any:
@@ -54,7 +55,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); see the page-limit test")
+        reason = f"cannot mount a tmpfs here ({done.stderr.strip()}); see the page-limit test"
+        unavailable(Part.TMPFS, reason)
     try:
         yield mount
     finally:
