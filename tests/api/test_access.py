@@ -180,6 +180,22 @@ def expected(rule: Rule, caller: str) -> Outcome:
     return "ok" if admitted else "insufficient_role"
 
 
+def says_why(rule: Rule, caller: str, body: dict[str, Any]) -> bool:
+    """Whether a refusal's description names what was wrong (and, for a person without the
+    role, which roles would pass and which the person has)."""
+    text = str(body.get("error_description", ""))
+    if body.get("error") == "invalid_token":
+        if caller == "no token":
+            return text.startswith("missing bearer token")
+        # A person token where a workload is read is refused for its kind, before its audience.
+        wrong_aud = caller == "person, wrong aud" and rule.bearer != "workload"
+        return text.startswith("bearer token rejected: ") and (not wrong_aud or "aud" in text)
+    if caller in ("workload", "other workload"):
+        return "only" in text and ("own" in text or "requester" in text)
+    has = f"['{caller}']" if caller in ROLES else "none"
+    return f"needs role {' or '.join(rule.roles)}; has {has}" in text
+
+
 def outcome(status: int, body: str, error: str | None) -> Outcome | str:
     if status == 401 and error == "invalid_token":
         return "invalid_token"
@@ -268,6 +284,7 @@ def test_route_admits_exactly_its_callers(route: str, client: TestClient, broker
     # later refusal would otherwise be judged against.
     order = sorted(CALLERS, key=lambda caller: cells[caller] == "ok")
     got: dict[str, Outcome | str] = {}
+    unexplained: list[str] = []
     for caller in order:
         headers = CALLERS[caller](broker)
         resp = client.request(
@@ -279,8 +296,11 @@ def test_route_admits_exactly_its_callers(route: str, client: TestClient, broker
             headers=headers,
         )
         is_json = resp.headers.get("content-type", "").startswith("application/json")
-        error = resp.json().get("error") if is_json else None
-        got[caller] = outcome(resp.status_code, resp.text, error)
+        body = resp.json() if is_json and isinstance(resp.json(), dict) else {}
+        got[caller] = outcome(resp.status_code, resp.text, body.get("error"))
+        if got[caller] == cells[caller] != "ok" and not says_why(entry.rule, caller, body):
+            unexplained.append(f"{caller}: {body.get('error_description')!r}")
         token = headers.get("Authorization", "").removeprefix("Bearer ")
         assert len(token) < 20 or token not in resp.text, f"{caller}'s token echoed"
     assert got == cells
+    assert unexplained == [], "refusals that do not say why"
