@@ -101,7 +101,7 @@ def test_command_without_the_role_exits_1_naming_it(
     code = main([*argv, "--bearer-file", str(bearer), "--url", server.url])
     out, err = capsys.readouterr()
     assert code == 1, (out, err)
-    assert "insufficient_role" in err and gated.needs in err
+    assert gated.needs in err  # the broker's 403 description, whatever the CLI wraps it in
     assert token not in out + err
 
 
