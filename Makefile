@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install run test lint fmt bench
+.PHONY: install run test lint fmt bench mutants
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,12 @@ fmt: install
 
 bench: install
 	$(BIN)/python bench/exchange_load.py
+
+# Mutation testing of the security-critical modules ([tool.mutmut] in pyproject.toml;
+# docs/testing.md): on demand, never in CI. It works in mutants/ and keeps its results there, so
+# a second run only tries what changed. Narrow it with mutant names:
+#   make mutants MUTANTS='broker.policy.engine.*'
+MUTANTS ?=
+mutants: install
+	BROKER_SHARED_DIR=$${BROKER_SHARED_DIR:-$(CURDIR)/../shared} $(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results

@@ -18,11 +18,14 @@ from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from tests.servers import (
     OpenBao,
+    Part,
     Postgres,
-    bao_binary,
     postgres_missing,
+    require,
+    require_bao,
     run_openbao,
     run_postgres,
+    unavailable,
 )
 
 EVAL_SUB = "repo:acme/evals:ref:refs/heads/main"
@@ -139,7 +142,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); see the page-limit test")
+        reason = f"cannot mount a tmpfs here ({done.stderr.strip()}); see the page-limit test"
+        unavailable(Part.TMPFS, reason)
     try:
         yield mount
     finally:
@@ -160,19 +164,14 @@ def fill_disk(filler: Path) -> None:
 @pytest.fixture(scope="session")
 def openbao_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     """One OpenBao dev server for the whole session (stopped at its end, pass or fail)."""
-    binary = bao_binary()
-    if binary is None:
-        pytest.skip("OpenBao's `bao` binary is neither next to sys.executable nor on PATH")
-    with run_openbao(binary, tmp_path_factory.mktemp("openbao")) as server:
+    with run_openbao(require_bao(), tmp_path_factory.mktemp("openbao")) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     """One throwaway PostgreSQL 15 cluster for the session (stopped at its end)."""
-    missing = postgres_missing()
-    if missing:
-        pytest.skip(missing)
+    require(Part.POSTGRESQL, postgres_missing())
     with run_postgres() as server:
         yield server
 

@@ -1,4 +1,5 @@
-"""Real servers for tests, shared by every conftest: OpenBao, and process helpers.
+"""Real servers for tests, shared by every conftest: OpenBao, PostgreSQL, process helpers, and
+:func:`require` for the parts of the machine that a test needs.
 
 Every server started here is stopped by its context manager, whether tests passed or failed.
 """
@@ -20,12 +21,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import hvac
 import hvac.exceptions
+import pytest
 import requests
 
 START_TIMEOUT_S = 20.0
@@ -68,6 +71,61 @@ def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+
+
+# --- what the machine must have ------------------------------------------------------------------
+
+
+class Part(StrEnum):
+    """A part of the machine that some tests need and the Python dependencies do not bring."""
+
+    OPENBAO = "openbao"
+    POSTGRESQL = "postgresql"
+    TERRAFORM = "terraform"
+    RFC6962_VECTORS = "rfc6962-vectors"
+    TMPFS = "tmpfs"
+    CHROMIUM = "chromium"
+    CURL = "curl"
+
+
+CI_OPTIONAL = "BROKER_CI_OPTIONAL"
+"""Comma-separated parts that may be missing even in CI: .ci/run sets it for a part that this
+machine lacks and no registry it reaches can install (docs/testing.md)."""
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run: ``CI=true``, as .ci/run (and CI services) set it."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def unavailable(part: Part, reason: str) -> NoReturn:
+    """Stop the current test because ``part`` is missing, for ``reason``.
+
+    Outside CI the test skips. With ``CI=true`` it fails: CI's machine is meant to have every
+    part, and a skip there would let a green run hide a path that no test exercised.
+    """
+    optional = {p.strip() for p in os.environ.get(CI_OPTIONAL, "").split(",")}
+    if in_ci() and part.value not in optional:
+        pytest.fail(f"{reason} (CI=true: {part.value} must be present)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require(part: Part, missing: str | None) -> None:
+    """Go on when ``missing`` is None; otherwise :func:`unavailable` with it as the reason."""
+    if missing is not None:
+        unavailable(part, missing)
+
+
+TERRAFORM_MISSING = "terraform is not installed (not on PATH)"
+BAO_MISSING = "OpenBao's `bao` binary is neither next to sys.executable nor on PATH"
+
+
+def require_bao() -> Path:
+    """OpenBao's ``bao`` (:func:`bao_binary`), or :func:`unavailable`."""
+    binary = bao_binary()
+    if binary is None:
+        unavailable(Part.OPENBAO, BAO_MISSING)
+    return binary
 
 
 # --- OpenBao -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from broker.runtime import Broker
 from tests.approvals.support import drill_token
 from tests.conftest import LiveServer, eval_token, exchange_form, person_token
+from tests.servers import Part, unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,7 @@ def curl_command(doc: str, start: str) -> str:
 
 def run(command: str, cwd: Path, **env: str) -> dict[str, object]:
     if shutil.which("curl") is None:
-        pytest.skip("curl is not installed (apt-get install curl)")
+        unavailable(Part.CURL, "curl is not installed (apt-get install curl)")
     done = subprocess.run(
         ["bash", "-c", command],
         cwd=cwd,

@@ -39,6 +39,7 @@ from tests.backends.aws.conftest import (
     make_grant,
 )
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form
+from tests.servers import TERRAFORM_MISSING, Part, unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -58,10 +59,10 @@ def terraform_env(tmp: Path) -> dict[str, str]:
 @pytest.fixture
 def mirror() -> str:
     if TERRAFORM is None:
-        pytest.skip("terraform is not installed")
+        unavailable(Part.TERRAFORM, TERRAFORM_MISSING)
     found = subprocess.run([str(CHECK), "--mirror"], capture_output=True, text=True, check=False)
     if found.returncode != 0:
-        pytest.skip(f"no hashicorp/aws provider mirror: {found.stderr.strip()}")
+        unavailable(Part.TERRAFORM, f"no hashicorp/aws provider mirror: {found.stderr.strip()}")
     return found.stdout.strip()
 
 
@@ -220,7 +221,7 @@ def test_check_script_passes_and_leaves_no_state_in_the_repo(
     terraform_check: CheckRun | None,
 ) -> None:
     if terraform_check is None:
-        pytest.skip("terraform is not installed")
+        unavailable(Part.TERRAFORM, TERRAFORM_MISSING)
     code, output = terraform_check.result()
     assert code == 0, output
     assert "Success!" in output and output.rstrip().endswith("== ok")

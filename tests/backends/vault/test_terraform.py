@@ -19,6 +19,7 @@ import pytest
 
 from broker.backends.vault import VaultPlan, plan_vault
 from tests.backends.vault.conftest import DB_CONNECTION, EXAMPLE_CONFIG, example_policy
+from tests.servers import TERRAFORM_MISSING, Part, unavailable
 
 MODULE = Path(__file__).resolve().parents[3] / "terraform" / "vault"
 OPTIONS = hcl2.SerializationOptions(
@@ -62,7 +63,7 @@ def resource(module: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
 def test_terraform_fmt_is_clean() -> None:
     terraform = shutil.which("terraform")
     if terraform is None:
-        pytest.skip("terraform is not installed")
+        unavailable(Part.TERRAFORM, TERRAFORM_MISSING)
     result = subprocess.run(
         [terraform, "fmt", "-check", "-recursive", "-diff", str(MODULE)],
         capture_output=True,

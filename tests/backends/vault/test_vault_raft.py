@@ -17,16 +17,13 @@ from tests.backends.vault.conftest import (
     example_policy,
     make_grant,
 )
-from tests.servers import bao_binary, run_openbao_raft
+from tests.servers import require_bao, run_openbao_raft
 
 pytestmark = pytest.mark.integration
 
 
 def test_issue_and_revoke_on_openbao_with_integrated_storage(tmp_path: Path) -> None:
-    binary = bao_binary()
-    if binary is None:
-        pytest.skip("OpenBao's `bao` binary is neither next to sys.executable nor on PATH")
-    with run_openbao_raft(binary, tmp_path) as bao:
+    with run_openbao_raft(require_bao(), tmp_path) as bao:
         assert bao.root.sys.read_health_status(method="GET")["sealed"] is False
         assert (tmp_path / "raft" / "raft" / "raft.db").is_file(), "storage is not on disk"
         policy = example_policy()

@@ -18,7 +18,7 @@ from tests.backends.vault.conftest import (
     example_policy,
     make_grant,
 )
-from tests.servers import OpenBao, bao_binary, run_openbao
+from tests.servers import OpenBao, require_bao, run_openbao
 
 pytestmark = pytest.mark.integration
 
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tls_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpenBao, str]]:
     """An OpenBao dev server with its own CA, set up from the plan; and the broker's token."""
-    binary = bao_binary()
-    if binary is None:
-        pytest.skip("OpenBao's `bao` binary is neither next to sys.executable nor on PATH")
-    with run_openbao(binary, tmp_path_factory.mktemp("openbao-tls"), tls=True) as bao:
+    with run_openbao(require_bao(), tmp_path_factory.mktemp("openbao-tls"), tls=True) as bao:
         plan = plan_vault(example_policy().policy, EXAMPLE_CONFIG)
         apply_plan(bao.root, plan)
         yield bao, broker_token(bao.root, plan, 600)
