@@ -909,10 +909,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_approvals_review)
 
-    # Imported here: broker.cli.rollback_tests uses this module's helpers (no import cycle).
+    # Imported here: broker.cli.rollback_tests and broker.cli.agent use this module's helpers
+    # (no import cycle).
     from broker.cli.rollback_tests import add_commands
 
     add_commands(sub)
+    from broker.cli.agent import add_command as add_agent
+
+    add_agent(sub)
 
     p = sub.add_parser("lineage", help="who changed a model, with what, approved by whom")
     p.add_argument("model")

@@ -379,10 +379,10 @@ def test_policy_explain_exits_4_when_the_decision_needs_approval(
     assert code == 4 and json.loads(out)["outcome"] == "approval_required"
 
 
-@pytest.mark.parametrize("module", ["broker.cli.main", "broker.client"])
+@pytest.mark.parametrize("module", ["broker.cli.main", "broker.client", "broker.cli.agent"])
 def test_the_cli_and_the_client_load_nothing_of_the_server(module: str) -> None:
-    """Every command imports broker.cli.main and broker.client, and training code imports
-    broker.client: they stay lean."""
+    """Every command imports broker.cli.main and broker.client, training code imports
+    broker.client, and a sidecar runs broker.cli.agent: they stay lean."""
     probe = (
         f"import sys, {module}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
