@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from broker.client.credentials import (
     VaultToken,
     env_lines,
 )
+from broker.client.files import write_private
 
 
 class SinkError(Exception):
@@ -79,18 +78,7 @@ class Sink:
 
     def write(self, credential: Credential) -> None:
         """Raises SinkError (the format) or OSError (the file)."""
-        text = self.render(credential)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_private(self.path, self.render(credential))
 
     def remove(self) -> None:
         """No credential rather than an expired one."""

@@ -586,20 +586,41 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 def cmd_aws_credential_process(args: argparse.Namespace) -> int:
     """Exchange the workload's token for model-scoped AWS credentials and print them as an
-    AWS ``credential_process`` (Version 1) JSON, for the AWS CLI and every AWS SDK."""
-    from broker.backends.aws import credential_process_json
+    AWS ``credential_process`` (Version 1) JSON, for the AWS CLI and every AWS SDK. The answer
+    is cached (0600) and printed again by later runs until shortly before it expires, so that a
+    single-use token serves every process of a job."""
+    from broker.client.aws_cache import CredentialProcessCache, cache_key, default_dir
+    from broker.client.credentials import AwsCredentials, parse_answer
 
     if not args.token_file:
         raise ConfigError("--token-file (or BROKER_SUBJECT_TOKEN_FILE) names the workload token")
-    result = BrokerClient(_url(args)).exchange(
+    url, ttl = _url(args), _ttl(args.ttl) if args.ttl else None
+    cache = None if args.no_cache else CredentialProcessCache(args.cache_dir or default_dir())
+    key = cache_key(
+        url, args.profile, args.model, args.action, str(Path(args.token_file).absolute()), str(ttl)
+    )
+    cached = cache.get(key) if cache else None
+    if cached is not None:
+        print(cached)
+        return EXIT_OK
+    answer = BrokerClient(url).exchange(
         _read_secret(args.token_file, "--token-file"),
         model=args.model,
         action=args.action,
         requested_token_type=TOKEN_TYPES["aws"],
         reason=args.reason,
-        requested_ttl=str(_ttl(args.ttl)) if args.ttl else None,
+        requested_ttl=str(ttl) if ttl else None,
     )
-    print(credential_process_json(result))
+    credential = parse_answer(answer)
+    if not isinstance(credential, AwsCredentials):
+        raise ClientError(None, "not_a_broker", "the answer holds no AWS credentials")
+    text = credential.process_json()
+    if cache:
+        try:
+            cache.put(key, text)
+        except OSError as exc:
+            print(f"warning: not cached ({cache.dir}: {exc.strerror or exc})", file=sys.stderr)
+    print(text)
     return EXIT_OK
 
 
@@ -937,6 +958,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ttl", help="requested lifetime, at least 15m (AWS's minimum)")
     p.add_argument("--reason")
+    p.add_argument(
+        "--profile",
+        default=os.environ.get("AWS_PROFILE"),
+        help="part of the cache key (default: $AWS_PROFILE)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where answers are cached, 0600 (default: ~/.cache/broker/credential-process)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="exchange at every run")
     _url_flag(p)
     p.set_defaults(func=cmd_aws_credential_process)
 
