@@ -269,8 +269,28 @@ def cmd_token_exchange(args: argparse.Namespace) -> int:
         approval_id=approval_id,
         requested_ttl=str(ttl) if ttl else None,
     )
-    _out(args, result, lambda: str(result["access_token"]))
+    _exchange_out(args, result)
     return EXIT_OK
+
+
+def _exchange_out(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """A broker JWT or Vault token alone (for ``$(...)``); a database login or AWS credentials
+    with every part by name. ``--format env``: ``NAME=value`` lines of every part."""
+    from broker.client.credentials import BrokerJWT, VaultToken, env_lines, parse_answer
+
+    if args.format == "json" or args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    try:
+        credential = parse_answer(result)
+    except ValueError as exc:
+        raise ClientError(None, "not_a_broker", str(exc)) from None
+    if args.format == "env":
+        print(env_lines(credential), end="")
+    elif isinstance(credential, BrokerJWT | VaultToken):
+        print(credential.token)
+    else:
+        print(_fields(credential.fields()))
 
 
 def _open_ahead(
@@ -846,6 +866,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if the action needs approval: open the request (or use --approval-id), wait "
         "until it is decided, then exchange (the --token file is read again)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["text", "json", "env"],
+        default="text",
+        help="text (default): the token alone, or every part of a database login or AWS "
+        "credentials by name; json: the broker's answer (as --json); env: NAME=value lines",
     )
     _wait_timeout(p)
     _common(p)

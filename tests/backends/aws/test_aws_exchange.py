@@ -5,6 +5,7 @@ and `broker policy check` warnings."""
 from __future__ import annotations
 
 import json
+import shlex
 import stat
 import sys
 from collections.abc import Iterator
@@ -161,6 +162,43 @@ def grant_ids(broker: Broker) -> list[str]:
     with broker.store.read() as session:
         rows = session.scalars(select(EventRow).where(EventRow.type == "exchange.allowed"))
         return [str(row.grant_id) for row in rows]
+
+
+def test_the_cli_prints_every_part_of_aws_credentials(
+    moto: Moto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`broker token exchange --backend aws` prints the access key, secret and session token
+    (not a lone session token), in the text format and as `--format env`; both work."""
+    port = free_port()
+    broker = dev_broker(tmp_path / "data", port=port)
+    token = tmp_path / "workload.jwt"
+    with LiveServer(create_app(broker=broker), port) as server:
+        common = ["token", "exchange", "--token", str(token), "--url", server.url]
+        common += ["--model", "llama-7b", "--action", "evaluate", "--backend", "aws"]
+        parts: list[dict[str, str]] = []
+        for fmt, sep in (("text", "  "), ("env", "=")):
+            token.write_text(eval_token(broker))
+            assert main([*common, "--format", fmt]) == 0
+            out = capsys.readouterr().out
+            parts.append({k: v.strip() for k, v in (ln.split(sep, 1) for ln in out.splitlines())})
+    text, env = parts
+    assert text["access_key_id"].startswith("ASIA") and text["expires_at"].endswith("Z")
+
+    def arn(key: str, secret: str, session_token: str) -> str:
+        sts = boto3.Session(
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            aws_session_token=session_token,
+            region_name=REGION,
+        ).client("sts", endpoint_url=moto.url)
+        return str(sts.get_caller_identity()["Arn"])
+
+    got = arn(text["access_key_id"], text["secret_access_key"], text["session_token"])
+    assert got.endswith(f"assumed-role/{ROLE_NAME}/{text['grant_id']}")
+    env = {k: shlex.split(v)[0] for k, v in env.items()}
+    got = arn(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_SESSION_TOKEN"])
+    assert got.endswith(f"assumed-role/{ROLE_NAME}/{env['BROKER_GRANT_ID']}")
+    assert env["AWS_CREDENTIAL_EXPIRATION"].endswith("Z")
 
 
 def test_credential_process_fails_loudly(
