@@ -269,8 +269,28 @@ def cmd_token_exchange(args: argparse.Namespace) -> int:
         approval_id=approval_id,
         requested_ttl=str(ttl) if ttl else None,
     )
-    _out(args, result, lambda: str(result["access_token"]))
+    _exchange_out(args, result)
     return EXIT_OK
+
+
+def _exchange_out(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """A broker JWT or Vault token alone (for ``$(...)``); a database login or AWS credentials
+    with every part by name. ``--format env``: ``NAME=value`` lines of every part."""
+    from broker.client.credentials import BrokerJWT, VaultToken, env_lines, parse_answer
+
+    if args.format == "json" or args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    try:
+        credential = parse_answer(result)
+    except ValueError as exc:
+        raise ClientError(None, "not_a_broker", str(exc)) from None
+    if args.format == "env":
+        print(env_lines(credential), end="")
+    elif isinstance(credential, BrokerJWT | VaultToken):
+        print(credential.token)
+    else:
+        print(_fields(credential.fields()))
 
 
 def _open_ahead(
@@ -586,20 +606,41 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
 def cmd_aws_credential_process(args: argparse.Namespace) -> int:
     """Exchange the workload's token for model-scoped AWS credentials and print them as an
-    AWS ``credential_process`` (Version 1) JSON, for the AWS CLI and every AWS SDK."""
-    from broker.backends.aws import credential_process_json
+    AWS ``credential_process`` (Version 1) JSON, for the AWS CLI and every AWS SDK. The answer
+    is cached (0600) and printed again by later runs until shortly before it expires, so that a
+    single-use token serves every process of a job."""
+    from broker.client.aws_cache import CredentialProcessCache, cache_key, default_dir
+    from broker.client.credentials import AwsCredentials, parse_answer
 
     if not args.token_file:
         raise ConfigError("--token-file (or BROKER_SUBJECT_TOKEN_FILE) names the workload token")
-    result = BrokerClient(_url(args)).exchange(
+    url, ttl = _url(args), _ttl(args.ttl) if args.ttl else None
+    cache = None if args.no_cache else CredentialProcessCache(args.cache_dir or default_dir())
+    key = cache_key(
+        url, args.profile, args.model, args.action, str(Path(args.token_file).absolute()), str(ttl)
+    )
+    cached = cache.get(key) if cache else None
+    if cached is not None:
+        print(cached)
+        return EXIT_OK
+    answer = BrokerClient(url).exchange(
         _read_secret(args.token_file, "--token-file"),
         model=args.model,
         action=args.action,
         requested_token_type=TOKEN_TYPES["aws"],
         reason=args.reason,
-        requested_ttl=str(_ttl(args.ttl)) if args.ttl else None,
+        requested_ttl=str(ttl) if ttl else None,
     )
-    print(credential_process_json(result))
+    credential = parse_answer(answer)
+    if not isinstance(credential, AwsCredentials):
+        raise ClientError(None, "not_a_broker", "the answer holds no AWS credentials")
+    text = credential.process_json()
+    if cache:
+        try:
+            cache.put(key, text)
+        except OSError as exc:
+            print(f"warning: not cached ({cache.dir}: {exc.strerror or exc})", file=sys.stderr)
+    print(text)
     return EXIT_OK
 
 
@@ -826,6 +867,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="if the action needs approval: open the request (or use --approval-id), wait "
         "until it is decided, then exchange (the --token file is read again)",
     )
+    p.add_argument(
+        "--format",
+        choices=["text", "json", "env"],
+        default="text",
+        help="text (default): the token alone, or every part of a database login or AWS "
+        "credentials by name; json: the broker's answer (as --json); env: NAME=value lines",
+    )
     _wait_timeout(p)
     _common(p)
     p.set_defaults(func=cmd_token_exchange)
@@ -909,10 +957,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_approvals_review)
 
-    # Imported here: broker.cli.rollback_tests uses this module's helpers (no import cycle).
+    # Imported here: broker.cli.rollback_tests and broker.cli.agent use this module's helpers
+    # (no import cycle).
     from broker.cli.rollback_tests import add_commands
 
     add_commands(sub)
+    from broker.cli.agent import add_command as add_agent
+
+    add_agent(sub)
 
     p = sub.add_parser("lineage", help="who changed a model, with what, approved by whom")
     p.add_argument("model")
@@ -933,6 +985,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ttl", help="requested lifetime, at least 15m (AWS's minimum)")
     p.add_argument("--reason")
+    p.add_argument(
+        "--profile",
+        default=os.environ.get("AWS_PROFILE"),
+        help="part of the cache key (default: $AWS_PROFILE)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where answers are cached, 0600 (default: ~/.cache/broker/credential-process)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="exchange at every run")
     _url_flag(p)
     p.set_defaults(func=cmd_aws_credential_process)
 

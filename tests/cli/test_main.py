@@ -379,12 +379,15 @@ def test_policy_explain_exits_4_when_the_decision_needs_approval(
     assert code == 4 and json.loads(out)["outcome"] == "approval_required"
 
 
-def test_the_cli_loads_nothing_of_the_server() -> None:
-    """Every command imports broker.cli.main and broker.client; they stay lean."""
+@pytest.mark.parametrize("module", ["broker.cli.main", "broker.client", "broker.cli.agent"])
+def test_the_cli_and_the_client_load_nothing_of_the_server(module: str) -> None:
+    """Every command imports broker.cli.main and broker.client, training code imports
+    broker.client, and a sidecar runs broker.cli.agent: they stay lean."""
     probe = (
-        "import sys, broker.cli.main; "
+        f"import sys, {module}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'fastapi', 'starlette', 'sqlalchemy', 'hvac', 'boto3', 'botocore', 'uvicorn'}))"
+        "{'fastapi', 'starlette', 'sqlalchemy', 'hvac', 'boto3', 'botocore', 'uvicorn', "
+        "'pydantic', 'pydantic_settings', 'yaml'}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60

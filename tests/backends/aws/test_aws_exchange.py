@@ -5,12 +5,15 @@ and `broker policy check` warnings."""
 from __future__ import annotations
 
 import json
+import shlex
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
+from botocore.exceptions import CredentialRetrievalError
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -117,23 +120,85 @@ def test_sts_unreachable_answers_503_naming_aws(
 def test_credential_process_feeds_a_real_boto3_profile(
     moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two aws-cli-style runs (each a new session running the command) with one single-use
+    token both get credentials: the second from the 0600 cache, not a replayed exchange."""
     port = free_port()
     broker = dev_broker(tmp_path / "data", port=port)
+    cache = tmp_path / "cache"
     with LiveServer(create_app(broker=broker), port) as server:
         token_file = tmp_path / "workload.jwt"
-        token_file.write_text(eval_token(broker))
+        token_file.write_text(eval_token(broker))  # the dev issuer's tokens are single-use
         command = (
             f"{sys.executable} -m broker.cli.main aws credential-process --url {server.url} "
-            f"--model llama-7b --action evaluate --token-file {token_file}"
+            f"--model llama-7b --action evaluate --token-file {token_file} --cache-dir {cache}"
         )
         config = tmp_path / "aws-config"
         config.write_text(f"[profile model]\ncredential_process = {command}\nregion = {REGION}\n")
         monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-        session = boto3.Session(profile_name="model")
-        frozen = session.get_credentials().get_frozen_credentials()
-        assert frozen.token
-        arn = session.client("sts", endpoint_url=moto.url).get_caller_identity()["Arn"]
+
+        def run() -> tuple[str, str]:
+            session = boto3.Session(profile_name="model")
+            frozen = session.get_credentials().get_frozen_credentials()
+            arn = session.client("sts", endpoint_url=moto.url).get_caller_identity()["Arn"]
+            return frozen.access_key, arn
+
+        first, arn = run()
         assert f"assumed-role/{ROLE_NAME}/g_" in arn
+        (cached,) = cache.iterdir()
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+        assert stat.S_IMODE(cached.stat().st_mode) == 0o600
+        assert run() == (first, arn)
+        assert len(grant_ids(broker)) == 1
+
+        # NOTE: a cache file others could have written is not trusted: this run exchanges
+        # again, and the single-use token is refused as replayed.
+        cached.chmod(0o644)
+        with pytest.raises(CredentialRetrievalError, match="replayed"):
+            run()
+        assert len(grant_ids(broker)) == 1
+
+
+def grant_ids(broker: Broker) -> list[str]:
+    with broker.store.read() as session:
+        rows = session.scalars(select(EventRow).where(EventRow.type == "exchange.allowed"))
+        return [str(row.grant_id) for row in rows]
+
+
+def test_the_cli_prints_every_part_of_aws_credentials(
+    moto: Moto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`broker token exchange --backend aws` prints the access key, secret and session token
+    (not a lone session token), in the text format and as `--format env`; both work."""
+    port = free_port()
+    broker = dev_broker(tmp_path / "data", port=port)
+    token = tmp_path / "workload.jwt"
+    with LiveServer(create_app(broker=broker), port) as server:
+        common = ["token", "exchange", "--token", str(token), "--url", server.url]
+        common += ["--model", "llama-7b", "--action", "evaluate", "--backend", "aws"]
+        parts: list[dict[str, str]] = []
+        for fmt, sep in (("text", "  "), ("env", "=")):
+            token.write_text(eval_token(broker))
+            assert main([*common, "--format", fmt]) == 0
+            out = capsys.readouterr().out
+            parts.append({k: v.strip() for k, v in (ln.split(sep, 1) for ln in out.splitlines())})
+    text, env = parts
+    assert text["access_key_id"].startswith("ASIA") and text["expires_at"].endswith("Z")
+
+    def arn(key: str, secret: str, session_token: str) -> str:
+        sts = boto3.Session(
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            aws_session_token=session_token,
+            region_name=REGION,
+        ).client("sts", endpoint_url=moto.url)
+        return str(sts.get_caller_identity()["Arn"])
+
+    got = arn(text["access_key_id"], text["secret_access_key"], text["session_token"])
+    assert got.endswith(f"assumed-role/{ROLE_NAME}/{text['grant_id']}")
+    env = {k: shlex.split(v)[0] for k, v in env.items()}
+    got = arn(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_SESSION_TOKEN"])
+    assert got.endswith(f"assumed-role/{ROLE_NAME}/{env['BROKER_GRANT_ID']}")
+    assert env["AWS_CREDENTIAL_EXPIRATION"].endswith("Z")
 
 
 def test_credential_process_fails_loudly(

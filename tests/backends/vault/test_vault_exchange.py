@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,12 +19,21 @@ from sqlalchemy import select
 
 from broker.api.app import create_app
 from broker.backends.base import Credential
+from broker.cli.main import main
 from broker.grants.model import Grant
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.tables import EventRow, GrantRow, RevocationRow
 from tests.backends.vault.conftest import VaultSetup
-from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form, person_token, post_concurrently
+from tests.conftest import (
+    EVAL_SUB,
+    EVAL_WORKFLOW,
+    LiveServer,
+    exchange_form,
+    free_port,
+    person_token,
+    post_concurrently,
+)
 from tests.servers import Postgres, free_port_pair, wait_until
 
 pytestmark = pytest.mark.integration
@@ -381,3 +391,40 @@ def test_a_grant_settled_while_vault_issued_is_not_reactivated(
     assert wait_until(
         lambda: not database.login_works(str(login.extra["username"]), login.access_token)
     )
+
+
+def test_the_cli_prints_every_part_of_a_database_login(
+    tmp_path: Path, vault: VaultSetup, database: Postgres, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`broker token exchange` prints username and password (not a lone password), in the
+    text format and as `--format env`, and both log in."""
+    port = free_port()
+    settings = Settings(
+        dev=True,
+        data_dir=tmp_path / "data",
+        policy=EXAMPLE_POLICY,
+        port=port,
+        vault_addr=vault.server.url,
+        vault_token=vault.broker_token,
+    )
+    broker = build_broker(settings)
+    assert broker.dev_issuer is not None
+    token = tmp_path / "workload.jwt"
+    with LiveServer(create_app(broker=broker), port) as server:
+        common = ["token", "exchange", "--token", str(token), "--url", server.url]
+        common += ["--model", "llama-7b", "--action", "evaluate", "--backend", "vault"]
+        parts: list[dict[str, str]] = []
+        for fmt, sep in (("text", "  "), ("env", "=")):
+            token.write_text(
+                broker.dev_issuer.mint(sub=EVAL_SUB, claims={"job_workflow_ref": EVAL_WORKFLOW})
+            )
+            assert main([*common, "--format", fmt]) == 0
+            out = capsys.readouterr().out
+            parts.append(dict(line.split(sep, 1) for line in out.splitlines()))
+    text, env = ({k: v.strip() for k, v in p.items()} for p in parts)
+    assert text["issued_token_type"] == "urn:broker:token-type:database-credentials"
+    assert text["grant_id"].startswith("g_") and text["expires_at"].endswith("Z")
+    assert database.login_works(text["username"], text["password"])
+    env = {k: shlex.split(v)[0] for k, v in env.items()}
+    assert database.login_works(env["DB_USERNAME"], env["DB_PASSWORD"])
+    assert env["BROKER_GRANT_ID"] != text["grant_id"]
