@@ -133,3 +133,10 @@ def test_only_a_test_that_is_passed_fresh_and_independent_at_once_counts() -> No
     fresh_own = recorded("rt_own", reporter=(REQUESTER.issuer, REQUESTER.subject))
     message = gap([stale_independent, fresh_own])
     assert message is not None and "reported by the requester itself" in message
+
+
+@pytest.mark.parametrize(("age", "refused"), [(MAX_AGE, False), (MAX_AGE + 1, True)])
+def test_the_age_limit_at_its_edge(age: int, refused: bool) -> None:
+    """Exactly rollback_test_max_age old still counts; a second more does not."""
+    test = recorded(ago=dt.timedelta(seconds=age))
+    assert (gap([test]) is not None) is refused
