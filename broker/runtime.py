@@ -6,16 +6,21 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
-from broker.audit.log import AuditLog
+from broker.audit.anchor import AnchorError
+from broker.audit.integrity import ANCHOR
+from broker.audit.log import AuditIntegrityError, AuditLog
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
@@ -56,6 +61,34 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch_audit(self, audit: AuditLog) -> None:
+        """Export the audit log's integrity verdict and anchor."""
+        self.registry.register(_AuditMetrics(audit))
+
+
+class _AuditMetrics(Collector):
+    """Read at each scrape from the cached verdict and the anchor file."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self._audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "broker_audit_anchor_mismatch",
+            "1 while the store disagrees with the anchor or a signed checkpoint",
+            value=ANCHOR in self._audit.integrity.problems(),
+        )
+        anchor = self._audit.anchor
+        try:
+            anchored = anchor.load() if anchor is not None else None
+        except AnchorError:
+            anchored = None
+        yield GaugeMetricFamily(
+            "broker_audit_anchor_size",
+            "Tree size of the anchored checkpoint (0: none)",
+            value=anchored.size if anchored else 0,
+        )
+
 
 @dataclass
 class Broker:
@@ -93,13 +126,16 @@ class Broker:
         for backend in self.grants.backends.all():
             if isinstance(backend, HealthChecked):
                 checks[backend.name] = backend.ready() or "ok"
+        problems = self.audit.integrity.problems()
+        checks["audit"] = "; ".join(problems.values()) if problems else "ok"
         return checks
 
     def maintain(self) -> None:
         """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
         tokens, settle grants stuck
         ``issuing``, retry due backend revocations, reconcile backend credentials (every
-        ``reconcile_interval``), sign a checkpoint if the log grew, and truncate SQLite's WAL."""
+        ``reconcile_interval``), sign a checkpoint if the log grew (unless the store disagrees
+        with the anchor: that is reported, and the round goes on), and truncate SQLite's WAL."""
         revocations = self.grants.revocations
         self.grants.expire_due()
         self.grants.purge_spent_tokens()
@@ -113,8 +149,11 @@ class Broker:
                 log.warning("reconciler revoked an orphan credential: %s", item)
             revocations.prune()
         self.record_refusals()
-        with self.store.write() as session:
-            self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        try:
+            with self.store.write() as session:
+                self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        except AuditIntegrityError:
+            pass  # reported (CRITICAL, /readyz, metric); exchanges are refused meanwhile
         if not self.store.truncate_wal():
             log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
 
@@ -265,6 +304,10 @@ def build_broker(settings: Settings) -> Broker:
         if policy.policy.explain_denials is None
         else policy.policy.explain_denials,
     )
+    metrics = Metrics()
+    metrics.watch_audit(audit)
+    with store.read() as session:
+        audit.check(session)  # NOTE: before anything is appended; the verdict is cached
     with store.write() as session:
         audit.append(
             session,
@@ -285,7 +328,7 @@ def build_broker(settings: Settings) -> Broker:
         keys=keys,
         verifier=verifier,
         grants=grants,
-        metrics=Metrics(),
+        metrics=metrics,
         audit=audit,
         approvals=approvals,
         notifier=notifier,
