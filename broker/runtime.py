@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker.approvals.service import ApprovalService
@@ -21,6 +21,7 @@ from broker.approvals.webhook import WebhookNotifier
 from broker.audit.anchor import AnchorError
 from broker.audit.integrity import ANCHOR
 from broker.audit.log import AuditIntegrityError, AuditLog
+from broker.audit.publish import PUBLISHED, Publisher, Target, targets_from_settings
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
@@ -61,23 +62,31 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch_audit(self, audit: AuditLog) -> None:
-        """Export the audit log's integrity verdict and anchor."""
-        self.registry.register(_AuditMetrics(audit))
+    def watch_audit(self, audit: AuditLog, publisher: Publisher | None) -> None:
+        """Export the audit log's integrity verdicts and publication backlog."""
+        self.registry.register(_AuditMetrics(audit, publisher))
 
 
 class _AuditMetrics(Collector):
-    """Read at each scrape from the cached verdict and the anchor file."""
+    """Read at each scrape from the cached verdicts and the publisher's last round."""
 
-    def __init__(self, audit: AuditLog) -> None:
+    def __init__(self, audit: AuditLog, publisher: Publisher | None) -> None:
         self._audit = audit
+        self._publisher = publisher
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "broker_audit_anchor_mismatch",
-            "1 while the store disagrees with the anchor or a signed checkpoint",
-            value=ANCHOR in self._audit.integrity.problems(),
-        )
+        problems = self._audit.integrity.problems()
+        for name, check, text in (
+            (
+                "anchor_mismatch",
+                ANCHOR,
+                "the store disagrees with the anchor or a signed checkpoint",
+            ),
+            ("publication_conflict", PUBLISHED, "a published checkpoint of the same size differs"),
+        ):
+            yield GaugeMetricFamily(
+                f"broker_audit_{name}", f"1 while {text}", value=check in problems
+            )
         anchor = self._audit.anchor
         try:
             anchored = anchor.load() if anchor is not None else None
@@ -88,6 +97,21 @@ class _AuditMetrics(Collector):
             "Tree size of the anchored checkpoint (0: none)",
             value=anchored.size if anchored else 0,
         )
+        if self._publisher is None:
+            return
+        pending = GaugeMetricFamily(
+            "broker_audit_publish_pending",
+            "Signed checkpoints not yet published",
+            labels=["target"],
+        )
+        failures = CounterMetricFamily(
+            "broker_audit_publish_failures", "Failed publication attempts", labels=["target"]
+        )
+        for target, backlog in self._publisher.backlog.items():
+            pending.add_metric([target], backlog.pending)
+            failures.add_metric([target], self._publisher.failures[target])
+        yield pending
+        yield failures
 
 
 @dataclass
@@ -104,6 +128,7 @@ class Broker:
     notifier: WebhookNotifier | None
     dev_issuer: DevIssuer | None
     refusals: RefusalBudget
+    publisher: Publisher | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _last_reconcile: float = 0.0
     _worker: threading.Thread | None = None
@@ -130,12 +155,18 @@ class Broker:
         checks["audit"] = "; ".join(problems.values()) if problems else "ok"
         return checks
 
+    def notices(self) -> dict[str, str]:
+        """What is wrong but does not stop exchanges (``/readyz`` shows it and stays 200):
+        checkpoint publication that is behind or unprotected."""
+        return self.publisher.notices() if self.publisher is not None else {}
+
     def maintain(self) -> None:
         """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
         tokens, settle grants stuck
         ``issuing``, retry due backend revocations, reconcile backend credentials (every
         ``reconcile_interval``), sign a checkpoint if the log grew (unless the store disagrees
-        with the anchor: that is reported, and the round goes on), and truncate SQLite's WAL."""
+        with the anchor: that is reported, and the round goes on), publish due checkpoints,
+        and truncate SQLite's WAL."""
         revocations = self.grants.revocations
         self.grants.expire_due()
         self.grants.purge_spent_tokens()
@@ -154,6 +185,8 @@ class Broker:
                 self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
         except AuditIntegrityError:
             pass  # reported (CRITICAL, /readyz, metric); exchanges are refused meanwhile
+        if self.publisher is not None:
+            self.publisher.process()
         if not self.store.truncate_wal():
             log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
 
@@ -197,6 +230,8 @@ class Broker:
             log.exception("could not record the last refusal summaries")
         if self.notifier is not None:
             self.notifier.close()
+        if self.publisher is not None:
+            self.publisher.close()
         for backend in self.grants.backends.all():
             close = getattr(backend, "close", None)
             if close is not None:
@@ -265,12 +300,28 @@ def vault_backend(settings: Settings, policy: LoadedPolicy) -> VaultBackend:
     return backend
 
 
+def _publisher(targets: list[Target], store: Store, audit: AuditLog) -> Publisher | None:
+    """The checkpoint publisher for ``targets``, hooked to the log so that every checkpoint
+    signed is queued in its own transaction; None without targets."""
+    if not targets:
+        return None
+    publisher = Publisher(store, targets, integrity=audit.integrity)
+    audit.on_signed.append(publisher.enqueue)
+    publisher.refresh()
+    return publisher
+
+
 def build_broker(settings: Settings) -> Broker:
     """Load the policy, open and migrate the store, load keys. Raises ConfigError/PolicyError."""
     settings = settings.resolved()
     assert settings.policy is not None and settings.database_url is not None
     prepare_data_dir(settings.data_dir)
     policy = load_policy(settings.policy, dev_mode=settings.dev)
+    targets = targets_from_settings(
+        settings.audit_publish_s3,
+        settings.audit_publish_s3_retention_days,
+        settings.audit_publish_url,
+    )
     store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     store.migrate()
     keys = KeyRing(settings.data_dir / "keys")
@@ -304,8 +355,9 @@ def build_broker(settings: Settings) -> Broker:
         if policy.policy.explain_denials is None
         else policy.policy.explain_denials,
     )
+    publisher = _publisher(targets, store, audit)
     metrics = Metrics()
-    metrics.watch_audit(audit)
+    metrics.watch_audit(audit, publisher)
     with store.read() as session:
         audit.check(session)  # NOTE: before anything is appended; the verdict is cached
     with store.write() as session:
@@ -334,4 +386,5 @@ def build_broker(settings: Settings) -> Broker:
         notifier=notifier,
         dev_issuer=dev_issuer,
         refusals=RefusalBudget(burst=settings.refusal_burst, rate=settings.refusal_rate),
+        publisher=publisher,
     )
