@@ -19,9 +19,10 @@ from prometheus_client.registry import Collector
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
 from broker.audit.anchor import AnchorError
-from broker.audit.integrity import ANCHOR
+from broker.audit.integrity import ANCHOR, STATE
 from broker.audit.log import AuditIntegrityError, AuditLog
 from broker.audit.publish import PUBLISHED, Publisher, Target, targets_from_settings
+from broker.audit.state import StateWatch
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
@@ -82,6 +83,11 @@ class _AuditMetrics(Collector):
                 ANCHOR,
                 "the store disagrees with the anchor or a signed checkpoint",
             ),
+            (
+                "state_mismatch",
+                STATE,
+                "the grants, approvals or revocation tables disagree with the log",
+            ),
             ("publication_conflict", PUBLISHED, "a published checkpoint of the same size differs"),
         ):
             yield GaugeMetricFamily(
@@ -128,6 +134,7 @@ class Broker:
     notifier: WebhookNotifier | None
     dev_issuer: DevIssuer | None
     refusals: RefusalBudget
+    state: StateWatch
     publisher: Publisher | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _last_reconcile: float = 0.0
@@ -166,7 +173,7 @@ class Broker:
         ``issuing``, retry due backend revocations, reconcile backend credentials (every
         ``reconcile_interval``), sign a checkpoint if the log grew (unless the store disagrees
         with the anchor: that is reported, and the round goes on), publish due checkpoints,
-        and truncate SQLite's WAL."""
+        hold recent state against the log (:class:`StateWatch`), and truncate SQLite's WAL."""
         revocations = self.grants.revocations
         self.grants.expire_due()
         self.grants.purge_spent_tokens()
@@ -187,6 +194,7 @@ class Broker:
             pass  # reported (CRITICAL, /readyz, metric); exchanges are refused meanwhile
         if self.publisher is not None:
             self.publisher.process()
+        self.state.round()
         if not self.store.truncate_wal():
             log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
 
@@ -356,6 +364,7 @@ def build_broker(settings: Settings) -> Broker:
         else policy.policy.explain_denials,
     )
     publisher = _publisher(targets, store, audit)
+    state = StateWatch(store, audit.integrity)
     metrics = Metrics()
     metrics.watch_audit(audit, publisher)
     with store.read() as session:
@@ -386,5 +395,6 @@ def build_broker(settings: Settings) -> Broker:
         notifier=notifier,
         dev_issuer=dev_issuer,
         refusals=RefusalBudget(burst=settings.refusal_burst, rate=settings.refusal_rate),
+        state=state,
         publisher=publisher,
     )

@@ -26,6 +26,7 @@ class Integrity:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._problems: dict[str, str] = {}
+        self._suspects: set[str] = set()
 
     def report(self, check: str, problem: str | None) -> None:
         """Record the outcome of ``check``: a problem (logged CRITICAL, each time it is found:
@@ -43,6 +44,22 @@ class Integrity:
             log.critical("AUDIT INTEGRITY (%s): %s", check, problem)
         elif before is not None:
             log.warning("audit %s check agrees again (it had found: %s)", check, before)
+
+    def suspect(self, grant_id: str, problem: str) -> None:
+        """A grant found to disagree with the log outside the state check (introspection): the
+        ``state`` check fails now, and its next rounds replay the grant until it agrees."""
+        with self._lock:
+            self._suspects.add(grant_id)
+        self.report(STATE, f"grant {grant_id}: {problem}")
+
+    def suspects(self) -> set[str]:
+        with self._lock:
+            return set(self._suspects)
+
+    def clear_suspects(self, agreeing: set[str]) -> None:
+        """Forget the suspects that were replayed and agree with the log again."""
+        with self._lock:
+            self._suspects -= agreeing
 
     def problem(self, check: str) -> str | None:
         return self._problems.get(check)

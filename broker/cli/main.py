@@ -475,6 +475,8 @@ def _open_log(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from broker.audit.checkpoint import NoteVerifier
     from broker.audit.export import verify_export, verify_store
+    from broker.audit.state import verify_state
+    from broker.audit.verify import Problem
 
     if args.export:
         if not args.key:
@@ -483,9 +485,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     else:
         store, audit = _open_log(args)
         verifier = NoteVerifier.from_vkey(args.key or audit.verifier_key())
-        with store.read() as session:
-            report = verify_store(session, verifier)
-        store.close()
+        try:
+            with store.read() as session:
+                report = verify_store(session, verifier)
+                state = [] if args.log_only else verify_state(session.connection())
+        finally:
+            store.close()
+        report.problems += [Problem(None, str(finding)) for finding in state]
     data = {
         "ok": report.ok,
         "start": report.start,
@@ -497,17 +503,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     }
 
     def human() -> str:
-        if report.ok and not report.latest_checkpoint:
-            return (
-                f"ok: entries {report.start}..{report.size - 1} are consistent with the hashes "
-                "recorded at append time; no signed checkpoint covers them yet"
+        if not report.ok:
+            return "FAILED:\n" + "\n".join(f"  - {p}" for p in report.problems)
+        said = f"ok: entries {report.start}..{report.size - 1}"
+        if report.latest_checkpoint:
+            said += (
+                f" verify; {report.checkpoints} signed checkpoint(s), the newest covers "
+                f"{report.latest_checkpoint} entries"
             )
-        if report.ok:
-            return (
-                f"ok: entries {report.start}..{report.size - 1} verify; {report.checkpoints} "
-                f"signed checkpoint(s), the newest covers {report.latest_checkpoint} entries"
+        else:
+            said += (
+                " are consistent with the hashes recorded at append time; no signed checkpoint "
+                "covers them yet"
             )
-        return "FAILED:\n" + "\n".join(f"  - {p}" for p in report.problems)
+        if not args.export and not args.log_only:
+            said += "; the grants, approvals and revocation tables agree with the log"
+        return said
 
     _out(args, data, human)
     return EXIT_OK if report.ok else EXIT_REFUSED
@@ -751,9 +762,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--database-url", default=os.environ.get("BROKER_DATABASE_URL"))
         _common(p, url=False)
 
-    p = aud.add_parser("verify", help="recompute the whole log and check every checkpoint")
+    p = aud.add_parser(
+        "verify", help="recompute the whole log, check every checkpoint and the state tables"
+    )
     p.add_argument("--export", help="verify an export directory instead of the store")
     p.add_argument("--key", help="verifier key <name>+<id>+<base64>; required with --export")
+    p.add_argument(
+        "--log-only",
+        action="store_true",
+        help="skip holding the grants, approvals and revocation tables against the log",
+    )
     store_args(p)
     p.set_defaults(func=cmd_audit_verify)
     p = aud.add_parser("export", help="write entries, checkpoint and proofs for offline checks")

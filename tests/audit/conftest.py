@@ -18,7 +18,9 @@ from tests.conftest import eval_token, exchange_form, person_token
 
 
 def settings(data_dir: Path, **extra: Any) -> Settings:
-    return Settings(dev=True, data_dir=data_dir, policy=EXAMPLE_POLICY, port=8080, **extra)
+    return Settings(
+        **{"dev": True, "data_dir": data_dir, "policy": EXAMPLE_POLICY, "port": 8080, **extra}
+    )
 
 
 def bearer(broker: Broker, role: str) -> dict[str, str]:

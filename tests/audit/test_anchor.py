@@ -151,6 +151,11 @@ def test_the_verdict_stands_until_the_store_agrees_again(history: History, tmp_p
         shutil.copy(original, history.data_dir / "broker.db")
         with broker.store.write() as session:
             broker.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        assert broker.audit.integrity.problem("anchor") is None
+        # The round had also found the forged revocation reason against the grants table;
+        # that verdict stands until a round finds the tables agree again.
+        assert broker.audit.integrity.problem("state") is not None
+        broker.state.round()
         assert broker.readiness()["audit"] == "ok"
         assert metric(broker, "broker_audit_anchor_mismatch") == 0
     finally:

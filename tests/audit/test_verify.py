@@ -17,6 +17,8 @@ from broker.audit.checkpoint import Checkpoint, NoteSigner
 from broker.cli.main import main
 from broker.runtime import Broker
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow
+from tests.audit.conftest import History
+from tests.audit.tamper import event_index, reactivate
 from tests.conftest import eval_token, exchange_form
 
 
@@ -153,3 +155,19 @@ def test_audit_proof_for_a_grant(
     proof = json.loads(capsys.readouterr().out)
     assert proof["verified"] is True and proof["size"] == 14 and proof["index"] == 13
     assert main(["audit", "proof", "g_nope", "--data-dir", str(data_dir)]) == 2
+
+
+def test_verify_holds_the_state_tables_against_the_log(
+    history: History, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reactivate(history.data_dir, history.revoked)
+    code, report = verify(capsys, history.data_dir)
+    assert code == 1
+    revoked_at = event_index(history.data_dir, "grant.revoked")
+    assert (
+        f"grant {history.revoked}: the grants table says active but the log says revoked "
+        f"(index {revoked_at})" in report["problems"]  # type: ignore[operator]
+    )
+    # Opting out of the state check is explicit, and then the log alone verifies.
+    code, report = verify(capsys, history.data_dir, "--log-only")
+    assert (code, report["ok"]) == (0, True)
