@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, exists, select
-from sqlalchemy.orm import QueryableAttribute
+from sqlalchemy.orm import QueryableAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from broker.audit.integrity import STATE, Integrity
@@ -461,12 +461,26 @@ def check_grant(conn: Connection, grant_id: str) -> list[Finding]:
 
 
 def grant_ended_in_log(conn: Connection, grant_id: str) -> tuple[int, str] | None:
-    """The index and type of an event that ended the grant (revoked, expired, failed), as its
-    body says, or None. One indexed query: introspection asks it of every active grant."""
+    """The index and type of an event that ended a grant whose row (read in the same
+    snapshot: see :func:`snapshot`) says it is active, or None. One indexed query for a grant
+    the log did not end; introspection asks it of every active grant."""
     for idx, event in _grant_events(conn, grant_id):
         if event.get("type") in GRANT_ENDINGS and event.get("grant_id") == grant_id:
-            return idx, str(event["type"])
+            status = conn.scalar(select(GrantRow.status).where(GrantRow.id == grant_id))
+            # NOTE: ended since the caller read the row (a revocation committed meanwhile) is
+            # no disagreement: the row says so too in this snapshot.
+            return (idx, str(event["type"])) if status == "active" else None
     return None
+
+
+def snapshot(session: Session) -> Connection:
+    """``session``'s connection, reading one snapshot of the whole store: what every check
+    here needs, or a revocation committed between two of its queries would look like a
+    disagreement. SQLite's read transactions are snapshots; PostgreSQL's default (READ
+    COMMITTED) is not, so there it is REPEATABLE READ. Call it first in the session."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    options = {"isolation_level": "REPEATABLE READ"} if postgres else {}
+    return session.connection(execution_options=options)
 
 
 class StateWatch:
@@ -490,7 +504,7 @@ class StateWatch:
         """One round; returns what disagrees. Raises AuditUnavailable when the store fails."""
         suspects = self._integrity.suspects()
         with self._store.read() as session:
-            conn = session.connection()
+            conn = snapshot(session)
             size = int(conn.execute(select(LogHeadRow.size)).scalar_one())
             start = max(self._seen, size - WATCH_EVENTS)
             swept = self._swept if self._swept < start else 0

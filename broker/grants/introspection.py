@@ -6,7 +6,7 @@ from typing import Any
 
 import jwt
 
-from broker.audit.state import grant_ended_in_log
+from broker.audit.state import grant_ended_in_log, snapshot
 from broker.backends.keys import ALGORITHM, KeyRing
 from broker.grants.service import GrantService
 from broker.identity.verifier import MAX_TOKEN_BYTES
@@ -19,7 +19,7 @@ def _ended_in_log(grants: GrantService, grant_id: str) -> bool:
     (a database writer can turn ``revoked`` back to ``active``); the log is. One indexed
     query; a disagreement fails the audit state check at once (``/readyz``, exchanges)."""
     with grants.store.read() as session:
-        ended = grant_ended_in_log(session.connection(), grant_id)
+        ended = grant_ended_in_log(snapshot(session), grant_id)
     if ended is None:
         return False
     index, kind = ended

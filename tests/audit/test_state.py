@@ -266,3 +266,20 @@ def test_introspection_asks_the_events_grant_id_index(history: History) -> None:
         assert any("USING INDEX ix_events_grant_id" in str(row) for row in plan), plan
     finally:
         broker.close()
+
+
+def test_a_revocation_committed_during_introspection_is_no_disagreement(
+    history: History,
+) -> None:
+    """Introspection read the row before the revocation committed; the log check reads the
+    row again in its own snapshot, so the race is not taken for tampering."""
+    broker = build_broker(settings(history.data_dir))
+    try:
+        with broker.store.read() as session:
+            assert state.grant_ended_in_log(state.snapshot(session), history.revoked) is None
+        reactivate(history.data_dir, history.revoked)
+        with broker.store.read() as session:
+            ended = state.grant_ended_in_log(state.snapshot(session), history.revoked)
+        assert ended == (event_index(history.data_dir, "grant.revoked"), "grant.revoked")
+    finally:
+        broker.close()
