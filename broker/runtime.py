@@ -6,17 +6,24 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from broker.approvals.rollback_tests import RollbackTests
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
-from broker.audit.log import AuditLog
+from broker.audit.anchor import AnchorError
+from broker.audit.integrity import ANCHOR, STATE
+from broker.audit.log import AuditIntegrityError, AuditLog
+from broker.audit.publish import PUBLISHED, Publisher, Target, targets_from_settings
+from broker.audit.state import StateWatch
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
@@ -57,6 +64,62 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch_audit(self, audit: AuditLog, publisher: Publisher | None) -> None:
+        """Export the audit log's integrity verdicts and publication backlog."""
+        self.registry.register(_AuditMetrics(audit, publisher))
+
+
+class _AuditMetrics(Collector):
+    """Read at each scrape from the cached verdicts and the publisher's last round."""
+
+    def __init__(self, audit: AuditLog, publisher: Publisher | None) -> None:
+        self._audit = audit
+        self._publisher = publisher
+
+    def collect(self) -> Iterator[Metric]:
+        problems = self._audit.integrity.problems()
+        for name, check, text in (
+            (
+                "anchor_mismatch",
+                ANCHOR,
+                "the store disagrees with the anchor or a signed checkpoint",
+            ),
+            (
+                "state_mismatch",
+                STATE,
+                "the grants, approvals or revocation tables disagree with the log",
+            ),
+            ("publication_conflict", PUBLISHED, "a published checkpoint of the same size differs"),
+        ):
+            yield GaugeMetricFamily(
+                f"broker_audit_{name}", f"1 while {text}", value=check in problems
+            )
+        anchor = self._audit.anchor
+        try:
+            anchored = anchor.load() if anchor is not None else None
+        except AnchorError:
+            anchored = None
+        yield GaugeMetricFamily(
+            "broker_audit_anchor_size",
+            "Tree size of the anchored checkpoint (0: none)",
+            value=anchored.size if anchored else 0,
+        )
+        if self._publisher is None:
+            return
+        pending = GaugeMetricFamily(
+            "broker_audit_publish_pending",
+            "Signed checkpoints not yet published",
+            labels=["target"],
+        )
+        failures = CounterMetricFamily(
+            "broker_audit_publish_failures", "Failed publication attempts", labels=["target"]
+        )
+        for target, backlog in self._publisher.backlog.items():
+            pending.add_metric([target], backlog.pending)
+            failures.add_metric([target], self._publisher.failures[target])
+        yield pending
+        yield failures
+
 
 @dataclass
 class Broker:
@@ -73,6 +136,8 @@ class Broker:
     notifier: WebhookNotifier | None
     dev_issuer: DevIssuer | None
     refusals: RefusalBudget
+    state: StateWatch
+    publisher: Publisher | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _last_reconcile: float = 0.0
     _worker: threading.Thread | None = None
@@ -95,13 +160,22 @@ class Broker:
         for backend in self.grants.backends.all():
             if isinstance(backend, HealthChecked):
                 checks[backend.name] = backend.ready() or "ok"
+        problems = self.audit.integrity.problems()
+        checks["audit"] = "; ".join(problems.values()) if problems else "ok"
         return checks
+
+    def notices(self) -> dict[str, str]:
+        """What is wrong but does not stop exchanges (``/readyz`` shows it and stays 200):
+        checkpoint publication that is behind or unprotected."""
+        return self.publisher.notices() if self.publisher is not None else {}
 
     def maintain(self) -> None:
         """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
         tokens, settle grants stuck
         ``issuing``, retry due backend revocations, reconcile backend credentials (every
-        ``reconcile_interval``), sign a checkpoint if the log grew, and truncate SQLite's WAL."""
+        ``reconcile_interval``), sign a checkpoint if the log grew (unless the store disagrees
+        with the anchor: that is reported, and the round goes on), publish due checkpoints,
+        hold recent state against the log (:class:`StateWatch`), and truncate SQLite's WAL."""
         revocations = self.grants.revocations
         self.grants.expire_due()
         self.grants.purge_spent_tokens()
@@ -115,8 +189,14 @@ class Broker:
                 log.warning("reconciler revoked an orphan credential: %s", item)
             revocations.prune()
         self.record_refusals()
-        with self.store.write() as session:
-            self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        try:
+            with self.store.write() as session:
+                self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        except AuditIntegrityError:
+            pass  # reported (CRITICAL, /readyz, metric); exchanges are refused meanwhile
+        if self.publisher is not None:
+            self.publisher.process()
+        self.state.round()
         if not self.store.truncate_wal():
             log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
 
@@ -160,6 +240,8 @@ class Broker:
             log.exception("could not record the last refusal summaries")
         if self.notifier is not None:
             self.notifier.close()
+        if self.publisher is not None:
+            self.publisher.close()
         for backend in self.grants.backends.all():
             close = getattr(backend, "close", None)
             if close is not None:
@@ -228,12 +310,28 @@ def vault_backend(settings: Settings, policy: LoadedPolicy) -> VaultBackend:
     return backend
 
 
+def _publisher(targets: list[Target], store: Store, audit: AuditLog) -> Publisher | None:
+    """The checkpoint publisher for ``targets``, hooked to the log so that every checkpoint
+    signed is queued in its own transaction; None without targets."""
+    if not targets:
+        return None
+    publisher = Publisher(store, targets, integrity=audit.integrity)
+    audit.on_signed.append(publisher.enqueue)
+    publisher.refresh()
+    return publisher
+
+
 def build_broker(settings: Settings) -> Broker:
     """Load the policy, open and migrate the store, load keys. Raises ConfigError/PolicyError."""
     settings = settings.resolved()
     assert settings.policy is not None and settings.database_url is not None
     prepare_data_dir(settings.data_dir)
     policy = load_policy(settings.policy, dev_mode=settings.dev)
+    targets = targets_from_settings(
+        settings.audit_publish_s3,
+        settings.audit_publish_s3_retention_days,
+        settings.audit_publish_url,
+    )
     store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     store.migrate()
     keys = KeyRing(settings.data_dir / "keys")
@@ -273,6 +371,12 @@ def build_broker(settings: Settings) -> Broker:
         if policy.policy.explain_denials is None
         else policy.policy.explain_denials,
     )
+    publisher = _publisher(targets, store, audit)
+    state = StateWatch(store, audit.integrity)
+    metrics = Metrics()
+    metrics.watch_audit(audit, publisher)
+    with store.read() as session:
+        audit.check(session)  # NOTE: before anything is appended; the verdict is cached
     with store.write() as session:
         audit.append(
             session,
@@ -293,11 +397,13 @@ def build_broker(settings: Settings) -> Broker:
         keys=keys,
         verifier=verifier,
         grants=grants,
-        metrics=Metrics(),
+        metrics=metrics,
         audit=audit,
         approvals=approvals,
         rollback_tests=rollback_tests,
         notifier=notifier,
         dev_issuer=dev_issuer,
         refusals=RefusalBudget(burst=settings.refusal_burst, rate=settings.refusal_rate),
+        state=state,
+        publisher=publisher,
     )

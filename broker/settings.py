@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     """...and per second after that, before it is answered 429."""
     trusted_proxies: str = ""
     """Addresses or networks (comma-separated) whose X-Forwarded-For names the client."""
+    audit_publish_s3: str | None = None
+    """``s3://bucket[/prefix]``: publish every signed checkpoint there (docs/audit.md)..."""
+    audit_publish_s3_retention_days: int | None = Field(default=None, ge=1)
+    """...with a COMPLIANCE Object Lock retention of this many days (else the bucket's default)."""
+    audit_publish_url: str | None = None
+    """An http(s) URL to POST every signed checkpoint to."""
 
     @classmethod
     def settings_customise_sources(

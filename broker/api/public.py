@@ -55,13 +55,19 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["health"])
 def readyz(broker: BrokerDep) -> dict[str, Any]:
-    """200 when every part an exchange needs works; 503 naming the parts that do not."""
+    """200 when every part an exchange needs works; 503 naming the parts that do not.
+    ``notices`` (when there are any) name what is wrong without stopping exchanges, such as
+    checkpoint publication that is behind."""
     checks = broker.readiness()
+    notices = broker.notices()
+    extra: dict[str, Any] = {"notices": notices} if notices else {}
     failing = {part: problem for part, problem in checks.items() if problem != "ok"}
     if failing:
         named = "; ".join(f"{part}: {problem}" for part, problem in failing.items())
-        raise TemporarilyUnavailable(f"not ready: {named}", status="unavailable", checks=checks)
-    return {"status": "ready", "policy_digest": broker.policy.digest, "checks": checks}
+        raise TemporarilyUnavailable(
+            f"not ready: {named}", status="unavailable", checks=checks, **extra
+        )
+    return {"status": "ready", "policy_digest": broker.policy.digest, "checks": checks, **extra}
 
 
 @router.get("/metrics", tags=["health"])

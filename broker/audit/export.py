@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from broker.audit.checkpoint import CheckpointError, NoteVerifier
 from broker.audit.log import AuditLog, StoreHashReader, frontier_nodes
 from broker.audit.merkle import Frontier, consistency_proof, verify_consistency
-from broker.audit.verify import Problem, Report, verify_log
+from broker.audit.verify import Problem, Report, Trusted, verify_log
 from broker.store.tables import CheckpointRow, EventRow
 
 BATCH = 10_000
@@ -128,9 +128,12 @@ def _check_previous(
         )
 
 
-def verify_store(session: Session, verifier: NoteVerifier) -> Report:
+def verify_store(
+    session: Session, verifier: NoteVerifier, trusted: Sequence[Trusted] = ()
+) -> Report:
     """Verify the whole log in the store: every leaf against the bytes stored with it and the
-    hash recorded at append time, the tree against every signed checkpoint, the head's size."""
+    hash recorded at append time, the tree against every signed checkpoint and every
+    ``trusted`` one (held outside the store), the head's size."""
     notes = [row.note.encode() for row in session.scalars(select(CheckpointRow))]
     head = AuditLog.size(session)
     conn = session.connection()
@@ -138,7 +141,9 @@ def verify_store(session: Session, verifier: NoteVerifier) -> Report:
     # hashing and the tree together (see docs/performance.md).
     events = conn.exec_driver_sql("SELECT idx, body FROM events ORDER BY idx")
     leaves = conn.exec_driver_sql("SELECT idx, hash FROM tree_nodes WHERE level = 0 ORDER BY idx")
-    return verify_log(_with_recorded(events, leaves), notes, verifier, head_size=head)
+    return verify_log(
+        _with_recorded(events, leaves), notes, verifier, head_size=head, trusted=trusted
+    )
 
 
 def _with_recorded(

@@ -15,9 +15,10 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from sqlalchemy import Connection, Table, bindparam, insert, select, tuple_, upd
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
-from broker.audit.checkpoint import Checkpoint, NoteSigner
+from broker.audit.anchor import ANCHOR_FILE, AnchorError, AnchorFile
+from broker.audit.checkpoint import Checkpoint, NoteSigner, NoteVerifier
+from broker.audit.integrity import ANCHOR, Integrity
 from broker.audit.merkle import (
     Frontier,
     consistency_proof,
@@ -40,6 +43,7 @@ from broker.errors import BrokerError, ConfigError, InvalidRequest
 from broker.store.files import write_private_key, write_secret
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow, TreeNodeRow
 
+log = logging.getLogger("broker.audit")
 EVENT_VERSION = 1
 MAX_EVENT_BYTES = 64 * 1024
 _PENDING = "audit_pending_frontier"
@@ -158,18 +162,29 @@ class SignedCheckpoint:
     signed_at: dt.datetime
 
 
+SignedHook = Callable[[Session, "SignedCheckpoint"], None]
+"""Called in the transaction that stored a newly signed checkpoint (publication queues it)."""
+
+
 class AuditLog:
     """Appends events as Merkle leaves and signs checkpoints over them."""
 
-    def __init__(self, signer: NoteSigner, hmac_key: bytes) -> None:
+    def __init__(
+        self, signer: NoteSigner, hmac_key: bytes, *, anchor: AnchorFile | None = None
+    ) -> None:
         self.signer = signer
+        self.anchor = anchor
+        """Where the newest signed checkpoint is remembered outside the store (None: nowhere)."""
+        self.integrity = Integrity()
+        self.on_signed: list[SignedHook] = []
         self._hmac_key = hmac_key
         self._lock = threading.Lock()
         self._committed: Frontier | None = None  # the frontier of a committed state
 
     @classmethod
     def from_data_dir(cls, data_dir: Path, default_origin: str | None = None) -> AuditLog:
-        """Load (or create, 0600) the log's Ed25519 key, HMAC secret and origin in ``data_dir``.
+        """Load (or create, 0600) the log's Ed25519 key, HMAC secret and origin in ``data_dir``,
+        with the anchor ``audit-anchor`` there (see :mod:`broker.audit.anchor`).
 
         The origin is fixed when the log is created (``audit-origin``): it names the log in every
         checkpoint and in the verifier key, so it must not change with the broker's address.
@@ -180,8 +195,9 @@ class AuditLog:
                 raise ConfigError(f"no audit log in {data_dir} (audit-origin is missing)")
             origin_file.write_text(default_origin + "\n")
         origin = origin_file.read_text().strip()
-        key = _load_or_create_signing_key(data_dir / "audit-key.pem")
-        return cls(NoteSigner(origin, key), _load_or_create_hmac_key(data_dir / "audit-hmac.key"))
+        signer = NoteSigner(origin, _load_or_create_signing_key(data_dir / "audit-key.pem"))
+        anchor = AnchorFile(data_dir / ANCHOR_FILE, NoteVerifier.from_vkey(signer.verifier_key()))
+        return cls(signer, _load_or_create_hmac_key(data_dir / "audit-hmac.key"), anchor=anchor)
 
     @property
     def origin(self) -> str:
@@ -353,40 +369,114 @@ class AuditLog:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
+    def check(self, session: Session) -> str | None:
+        """Whether the store is still the history this broker signed: a consistent extension of
+        the anchor and of the newest stored checkpoint. Reports the verdict to
+        :attr:`integrity` and returns the problem, or None. Reads O(log n) tree nodes."""
+        size = self.size(session)
+        problem = self._anchor_problem(session, size) or self._stored_problem(session, size)
+        self.integrity.report(ANCHOR, problem)
+        return problem
+
     def sign_checkpoint(self, session: Session, now: dt.datetime) -> SignedCheckpoint:
         """Sign a checkpoint of the whole log, unless the newest one already covers it.
 
-        Runs in a write transaction (which holds the log's write lock), and NOTE: it refuses
-        to sign when the stored tree is not consistent with the newest signed checkpoint, so the
-        broker never signs two inconsistent checkpoints. Raises AuditIntegrityError then.
+        Runs in a write transaction (which holds the log's write lock). NOTE: it refuses to
+        sign unless the stored tree is a consistent extension of the anchor and of the newest
+        stored checkpoint (RFC 6962 consistency proofs from the store, checked by the pure
+        Merkle code), so the broker never signs over a rewritten history nor signs two
+        inconsistent checkpoints. Raises AuditIntegrityError then, and the verdict stands in
+        :attr:`integrity` until a check agrees again. Once the transaction commits, the
+        checkpoint becomes the anchor.
         """
         size = int(
             session.execute(
                 select(LogHeadRow.size).where(LogHeadRow.id == 1).with_for_update()
             ).scalar_one()
         )
+        problem = self._anchor_problem(session, size) or self._stored_problem(session, size)
+        self.integrity.report(ANCHOR, problem)
+        if problem is not None:
+            raise AuditIntegrityError(f"{problem}: refusing to sign")
         latest = self.latest_checkpoint(session)
         if latest is not None and latest.size == size:
-            return latest
-        if latest is not None and latest.size > size:
-            raise AuditIntegrityError(
-                f"the log has {size} entries but checkpoint {latest.size} was signed: truncated"
+            signed = latest
+        else:
+            root = self._load_frontier(session, size).root()
+            note = self.signer.sign(Checkpoint(self.origin, size, root)).decode()
+            session.add(CheckpointRow(size=size, root=root, note=note, signed_at=now))
+            signed = SignedCheckpoint(size=size, root=root, note=note, signed_at=now)
+            for hook in self.on_signed:
+                hook(session, signed)
+        self._anchor_after_commit(session, signed)
+        return signed
+
+    def _anchor_problem(self, session: Session, size: int) -> str | None:
+        """Why the store of ``size`` entries is not a consistent extension of the anchor."""
+        if self.anchor is None:
+            return None
+        try:
+            anchor = self.anchor.load()
+        except AnchorError as exc:
+            return str(exc)
+        if anchor is None or anchor.size == 0:
+            return None
+        held = f"the anchor ({self.anchor.path.name}) holds checkpoint {anchor.size}"
+        if size < anchor.size:
+            return f"{held} but the store has {size} entries: the log was truncated or rolled back"
+        try:
+            root_then = self._load_frontier(session, anchor.size).root()
+            root_now = self._load_frontier(session, size).root()
+            proof = consistency_proof(anchor.size, size, StoreHashReader(session))
+        except (AuditIntegrityError, LookupError) as exc:
+            return f"{held} but the store's tree cannot prove it: {exc}"
+        if root_then != anchor.root:
+            return (
+                f"{held} but the store's first {anchor.size} entries hash to another root: "
+                "history was rewritten"
             )
-        reader = StoreHashReader(session)
-        root = self._load_frontier(session, size).root()
-        if latest is not None and latest.size > 0:
+        if not verify_consistency(anchor.size, size, anchor.root, root_now, proof):
+            return f"{held} but the store's tree of {size} entries is not consistent with it"
+        return None
+
+    def _stored_problem(self, session: Session, size: int) -> str | None:
+        """Why the store of ``size`` entries is not a consistent extension of the newest
+        checkpoint stored with it."""
+        latest = self.latest_checkpoint(session)
+        if latest is None or latest.size == 0:
+            return None
+        if latest.size > size:
+            return f"the log has {size} entries but checkpoint {latest.size} was signed: truncated"
+        try:
+            root = self._load_frontier(session, size).root()
+            proof = consistency_proof(latest.size, size, StoreHashReader(session))
+        except (AuditIntegrityError, LookupError) as exc:
+            return f"cannot prove consistency: {exc}"
+        if not verify_consistency(latest.size, size, latest.root, root, proof):
+            return (
+                f"the stored tree of size {size} is not consistent with the signed "
+                f"checkpoint of size {latest.size}"
+            )
+        return None
+
+    def _anchor_after_commit(self, session: Session, signed: SignedCheckpoint) -> None:
+        """Make ``signed`` the anchor once ``session`` commits (never before: an anchor ahead of
+        a store whose commit failed would read as a rollback). A failure to write it is
+        logged; the anchor stays at the older checkpoint, which the store still extends."""
+        anchor = self.anchor
+        if anchor is None:
+            return
+        note = signed.note.encode()
+
+        def advance(_session: Session) -> None:
             try:
-                proof = consistency_proof(latest.size, size, reader)
-            except LookupError as exc:
-                raise AuditIntegrityError(f"cannot prove consistency: {exc}") from None
-            if not verify_consistency(latest.size, size, latest.root, root, proof):
-                raise AuditIntegrityError(
-                    f"the stored tree of size {size} is not consistent with the signed "
-                    f"checkpoint of size {latest.size}: refusing to sign"
+                anchor.advance(note)
+            except (AnchorError, OSError) as exc:
+                log.error(
+                    "the audit anchor was not advanced to checkpoint %d: %s", signed.size, exc
                 )
-        note = self.signer.sign(Checkpoint(self.origin, size, root)).decode()
-        session.add(CheckpointRow(size=size, root=root, note=note, signed_at=now))
-        return SignedCheckpoint(size=size, root=root, note=note, signed_at=now)
+
+        sa_event.listen(session, "after_commit", advance, once=True)
 
 
 def _signed(row: CheckpointRow) -> SignedCheckpoint:

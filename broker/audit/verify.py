@@ -10,7 +10,7 @@ with each other. Problems name the first index where the history disagrees.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
 
@@ -63,6 +63,15 @@ def _verified_checkpoints(
     return good
 
 
+@dataclass(frozen=True)
+class Trusted:
+    """A checkpoint held outside the store (an auditor's copy, the broker's anchor), already
+    verified; ``label`` names it in problems."""
+
+    label: str
+    checkpoint: Checkpoint
+
+
 def verify_log(
     entries: Iterable[tuple[int, bytes, bytes | None]],
     checkpoint_notes: Iterable[bytes],
@@ -70,16 +79,19 @@ def verify_log(
     *,
     frontier: Frontier | None = None,
     head_size: int | None = None,
+    trusted: Sequence[Trusted] = (),
 ) -> Report:
     """Verify ``entries`` (index, leaf bytes, recorded leaf hash or None) in index order.
 
     ``frontier`` is the compact range before the first entry (an export starting after 0);
-    ``head_size`` is how many entries the store says it has. Never raises on bad data: every
+    ``head_size`` is how many entries the store says it has; the recomputed tree must also
+    have the root of each ``trusted`` checkpoint at its size. Never raises on bad data: every
     disagreement is a :class:`Problem` in the report.
     """
     tree = frontier or Frontier()
     report = Report(start=tree.size)
     signed = _verified_checkpoints(checkpoint_notes, verifier, report)
+    held = {t.checkpoint.size: t for t in trusted if t.checkpoint.size > tree.size}
     # Entries under a signed root are proven by hashing their bytes into it; parsing them only
     # names what went wrong, so it is done where a recorded hash disagrees or no root covers them.
     anchored = max(signed, default=0)
@@ -100,6 +112,15 @@ def verify_log(
             report.problems.append(Problem(index, problem))
             first_changed = index if first_changed is None else first_changed
         tree.append(digest)
+        outside = held.get(tree.size)
+        if outside is not None and outside.checkpoint.root != tree.root():
+            report.problems.append(
+                Problem(
+                    first_changed,
+                    f"entries {report.start}..{tree.size - 1} do not hash to {outside.label} "
+                    f"(size {tree.size}): history was rewritten before index {tree.size}",
+                )
+            )
         cp = signed.get(tree.size)
         if cp is not None and cp.root != tree.root():
             where = first_changed if first_changed is not None else report.start
@@ -114,6 +135,14 @@ def verify_log(
     if head_size is not None and head_size != tree.size:
         report.problems.append(
             Problem(tree.size, f"the log head says {head_size} entries but {tree.size} were found")
+        )
+    for size in sorted(s for s in held if s > tree.size):
+        report.problems.append(
+            Problem(
+                tree.size,
+                f"{held[size].label} covers {size} entries but the store has {tree.size}: "
+                "the log was truncated or rolled back",
+            )
         )
     beyond = sorted(s for s in signed if s > tree.size)
     if beyond:

@@ -698,45 +698,132 @@ def _open_log(args: argparse.Namespace) -> tuple[Any, Any]:
     return Store(args.database_url or sqlite_url(data_dir)), audit
 
 
+def _trusted(args: argparse.Namespace, verifier: Any) -> tuple[list[Any], list[Any]]:
+    """The checkpoints held outside the store: ``--trusted-checkpoint`` and the data dir's
+    anchor, verified; and the problems of those that do not verify."""
+    from broker.audit.anchor import ANCHOR_FILE
+    from broker.audit.checkpoint import CheckpointError
+    from broker.audit.verify import Problem, Trusted
+
+    held: list[Any] = []
+    problems: list[Any] = []
+    sources = [(Path(args.data_dir) / ANCHOR_FILE, "the broker's anchor (audit-anchor)", False)]
+    if args.trusted_checkpoint:
+        where = args.trusted_checkpoint
+        sources.append((Path(where), f"the trusted checkpoint {where}", True))
+    for path, label, required in sources:
+        if not path.exists():
+            if required:
+                raise ConfigError(f"--trusted-checkpoint: no such file: {path}")
+            continue
+        try:
+            held.append(Trusted(label, verifier.verify(path.read_bytes())))
+        except CheckpointError as exc:
+            problems.append(Problem(None, f"{label} does not verify: {exc}"))
+    return held, problems
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from broker.audit.checkpoint import NoteVerifier
     from broker.audit.export import verify_export, verify_store
+    from broker.audit.state import snapshot, verify_state
+    from broker.audit.verify import Problem
 
+    held: list[Any] = []
     if args.export:
         if not args.key:
             raise ConfigError("--export needs --key (the log's verifier key, from a trusted place)")
+        if args.trusted_checkpoint:
+            raise ConfigError(
+                "--trusted-checkpoint checks the store; for an export, its proof.json's "
+                "previous checkpoint links it to one you hold"
+            )
         report = verify_export(Path(args.export), args.key)
     else:
         store, audit = _open_log(args)
         verifier = NoteVerifier.from_vkey(args.key or audit.verifier_key())
-        with store.read() as session:
-            report = verify_store(session, verifier)
-        store.close()
+        held, unusable = _trusted(args, verifier)
+        try:
+            with store.read() as session:
+                conn = snapshot(session)  # one snapshot for the log and the tables
+                report = verify_store(session, verifier, held)
+                state = [] if args.log_only else verify_state(conn)
+        finally:
+            store.close()
+        report.problems[:0] = unusable
+        report.problems += [Problem(None, str(finding)) for finding in state]
     data = {
         "ok": report.ok,
         "start": report.start,
         "size": report.size,
         "checkpoints": report.checkpoints,
         "latest_checkpoint": report.latest_checkpoint,
+        "trusted": [{"label": t.label, "size": t.checkpoint.size} for t in held],
         "first_bad_index": report.first_bad_index,
         "problems": [str(p) for p in report.problems],
     }
 
     def human() -> str:
-        if report.ok and not report.latest_checkpoint:
-            return (
-                f"ok: entries {report.start}..{report.size - 1} are consistent with the hashes "
-                "recorded at append time; no signed checkpoint covers them yet"
+        if not report.ok:
+            return "FAILED:\n" + "\n".join(f"  - {p}" for p in report.problems)
+        said = f"ok: entries {report.start}..{report.size - 1}"
+        if report.latest_checkpoint or held:
+            said += f" verify; {report.checkpoints} signed checkpoint(s) in the store"
+            said += "".join(f"; consistent with {t.label}" for t in held)
+        else:
+            said += (
+                " are consistent with the hashes recorded at append time; no signed checkpoint "
+                "covers them yet"
             )
-        if report.ok:
-            return (
-                f"ok: entries {report.start}..{report.size - 1} verify; {report.checkpoints} "
-                f"signed checkpoint(s), the newest covers {report.latest_checkpoint} entries"
-            )
-        return "FAILED:\n" + "\n".join(f"  - {p}" for p in report.problems)
+        if not args.export and not args.log_only:
+            said += "; the grants, approvals and revocation tables agree with the log"
+        return said
 
     _out(args, data, human)
     return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def cmd_audit_monitor(args: argparse.Namespace) -> int:
+    """Check the broker's log as a monitor (broker.client.monitor), once or every --interval
+    seconds. NOTE: lean imports only: this runs on auditors' machines."""
+    import time
+
+    from broker.client.monitor import Monitor, MonitorAlarm, StateError
+
+    url, state = _url(args), Path(args.state)
+    if not args.interval > 0:
+        raise ConfigError(f"--interval: expected a number of seconds above 0, got {args.interval}")
+    while True:
+        try:
+            checked = Monitor(_client(args, bearer=True), url, state, args.key).check()
+        except MonitorAlarm as exc:
+            if args.json:
+                _print_error({"error": "audit_inconsistent", "error_description": str(exc)})
+            else:
+                print(f"ALARM: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        except StateError as exc:
+            raise ConfigError(str(exc)) from None
+        except ClientError as exc:
+            if args.once:
+                raise
+            _failed(args, exc)  # nothing learned; the next round tries again
+        else:
+            if checked.pinned_now:
+                print(
+                    "warning: pinned the verifier key the broker served (trust on first use); "
+                    "pass --key from a trusted place instead",
+                    file=sys.stderr,
+                )
+            if checked.previous is None:
+                human = f"ok: checkpoint {checked.size} verified and remembered in {state}"
+            else:
+                human = f"ok: checkpoint {checked.size} extends {checked.previous}"
+            result = {"ok": True, "previous": checked.previous, "size": checked.size}
+            _out(args, result, human.__str__)
+        if args.once:
+            return EXIT_OK
+        time.sleep(args.interval)
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
@@ -1029,11 +1116,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--database-url", default=os.environ.get("BROKER_DATABASE_URL"))
         _common(p, url=False)
 
-    p = aud.add_parser("verify", help="recompute the whole log and check every checkpoint")
+    p = aud.add_parser(
+        "verify", help="recompute the whole log, check every checkpoint and the state tables"
+    )
     p.add_argument("--export", help="verify an export directory instead of the store")
     p.add_argument("--key", help="verifier key <name>+<id>+<base64>; required with --export")
+    p.add_argument(
+        "--trusted-checkpoint",
+        metavar="FILE",
+        help="a signed checkpoint held outside the broker: the store must be consistent with it",
+    )
+    p.add_argument(
+        "--log-only",
+        action="store_true",
+        help="skip holding the grants, approvals and revocation tables against the log",
+    )
     store_args(p)
     p.set_defaults(func=cmd_audit_verify)
+    p = aud.add_parser(
+        "monitor", help="watch a broker's checkpoints: each must extend the last one seen"
+    )
+    p.add_argument("--state", required=True, help="file where the last checkpoint is kept")
+    p.add_argument("--key", help="verifier key <name>+<id>+<base64> (default: the one pinned)")
+    p.add_argument("--interval", type=float, default=300.0, help="seconds between checks")
+    p.add_argument("--once", action="store_true", help="check once and exit")
+    _common(p, bearer=True)
+    p.set_defaults(func=cmd_audit_monitor)
     p = aud.add_parser("export", help="write entries, checkpoint and proofs for offline checks")
     p.add_argument("dir")
     p.add_argument("--since", type=int, default=0, help="first index to export")

@@ -78,13 +78,29 @@ class BrokerClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _send(self, method: str, path: str, **kwargs: Any) -> tuple[httpx.Response, str]:
         request = self._http.build_request(method, path, **kwargs)
         where = f"{method} {request.url}"
         try:
-            resp = self._http.send(request)
+            return self._http.send(request), where
         except httpx.HTTPError as exc:
             raise ClientError(None, "unreachable", f"{where}: {exc}") from None
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        resp, where = self._send(method, path, **kwargs)
+        return self._json(resp, where)
+
+    def _plain(self, path: str, **kwargs: Any) -> bytes:
+        """The exact bytes of a ``text/plain`` answer; an error is raised as by :meth:`_call`."""
+        resp, where = self._send("GET", path, **kwargs)
+        if resp.status_code >= 400:
+            self._json(resp, where)
+        if not resp.headers.get("content-type", "").startswith("text/plain"):
+            raise ClientError(None, "not_a_broker", f"{where} answered without text/plain")
+        return resp.content
+
+    @staticmethod
+    def _json(resp: httpx.Response, where: str) -> dict[str, Any]:
         try:
             body = resp.json()
         except ValueError:
@@ -191,3 +207,14 @@ class BrokerClient:
 
     def rotate_keys(self) -> dict[str, Any]:
         return self._call("POST", "/v1/keys/rotate")
+
+    def audit_checkpoint(self) -> bytes:
+        """The newest signed checkpoint (a signed note), as served: verify it before use."""
+        return self._plain("/v1/audit/checkpoint")
+
+    def audit_key(self) -> str:
+        """The log's verifier key as the broker serves it (trust it only on first use)."""
+        return self._plain("/v1/audit/key").decode("utf-8", "replace").strip()
+
+    def audit_consistency(self, old: int, new: int) -> dict[str, Any]:
+        return self._call("GET", "/v1/audit/proof/consistency", params={"from": old, "to": new})

@@ -185,6 +185,8 @@ class GrantService:
         for the group commit, which :meth:`commit_later` takes, and is resumed with each one's
         outcome. NOTE: everything up to the first yield may block (keys, approvals, external
         backends); nothing after a yield does, so the API resumes it on its event loop."""
+        # NOTE: fail closed while the store is proven rewritten (a cached verdict: no query).
+        self.audit.integrity.refuse_issuance()
         identity: WorkloadIdentity | None = None
         attempt = _Attempt()
         try:

@@ -229,3 +229,21 @@ class RollbackTestRow(Base):
     # NOTE: the sha256 and not the uri is indexed: a 2,048-character uri can exceed what a
     # PostgreSQL btree entry holds.
     __table_args__ = (Index("ix_rollback_tests_point", "model", "point_sha256"),)
+
+
+class PublicationRow(Base):
+    """A signed checkpoint waiting to be published to one target (``s3``, ``webhook``);
+    deleted once published. ``conflict``: the target holds another checkpoint of that size."""
+
+    __tablename__ = "checkpoint_publications"
+
+    target: Mapped[str] = mapped_column(String(20), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    note: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending | conflict
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_publications_due", "status", "next_attempt_at"),)

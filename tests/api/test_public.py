@@ -34,7 +34,7 @@ def test_readyz_names_the_store_while_the_disk_is_full(tmp_path: Path, small_fs:
     with TestClient(create_app(broker=broker)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["checks"] == {"store": "ok", "signing_key": "ok"}
+        assert ready.json()["checks"] == {"store": "ok", "signing_key": "ok", "audit": "ok"}
 
         assert broker.store.truncate_wal()  # so that the next commit needs new space
         filler = small_fs / "filler"

@@ -171,6 +171,11 @@ def test_never_signs_over_a_rewritten_tree(store: Store, audit: AuditLog) -> Non
     fresh = AuditLog.from_data_dir(Path(str(store.url).removeprefix("sqlite:///")).parent)
     with store.write() as s:
         fresh.append(s, "t", NOW, {"n": 4})
+    with pytest.raises(AuditIntegrityError, match="history was rewritten"), store.write() as s:
+        fresh.sign_checkpoint(s, NOW)
+    # Without the anchor, the checkpoint stored with the log still refuses it.
+    assert fresh.anchor is not None
+    fresh.anchor.path.unlink()
     with pytest.raises(AuditIntegrityError, match="not consistent"), store.write() as s:
         fresh.sign_checkpoint(s, NOW)
 

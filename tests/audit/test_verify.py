@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -17,6 +18,8 @@ from broker.audit.checkpoint import Checkpoint, NoteSigner
 from broker.cli.main import main
 from broker.runtime import Broker
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow
+from tests.audit.conftest import History
+from tests.audit.tamper import event_index, execute, reactivate, rewrite_history
 from tests.conftest import eval_token, exchange_form
 
 
@@ -153,3 +156,121 @@ def test_audit_proof_for_a_grant(
     proof = json.loads(capsys.readouterr().out)
     assert proof["verified"] is True and proof["size"] == 14 and proof["index"] == 13
     assert main(["audit", "proof", "g_nope", "--data-dir", str(data_dir)]) == 2
+
+
+# --- issue 13: verification against checkpoints held outside the store ---------------------------
+
+
+def _forge_stopped(history: History) -> None:
+    """Issue 13's attack on the stopped broker: checkpoints deleted, a grant's subject and a
+    revocation's reason rewritten, the tree recomputed."""
+    allowed = event_index(history.data_dir, "exchange.allowed", history.issued[1]["grant_id"])
+    revoked = event_index(history.data_dir, "grant.revoked")
+
+    def subject(event: dict[str, Any]) -> None:
+        event["identity"]["subject"] = "repo:acme/innocent:ref:refs/heads/main"
+
+    def reason(event: dict[str, Any]) -> None:
+        event["reason"] = "routine rotation"
+
+    rewrite_history(history.data_dir, {allowed: subject, revoked: reason})
+
+
+def test_an_untouched_store_is_consistent_with_the_checkpoints_held_outside(
+    history: History, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    held = tmp_path / "auditor-copy"
+    held.write_text(history.checkpoint)
+    code, report = verify(capsys, history.data_dir, "--trusted-checkpoint", str(held))
+    assert (code, report["ok"]) == (0, True), report["problems"]
+    assert report["trusted"] == [
+        {"label": "the broker's anchor (audit-anchor)", "size": 6},
+        {"label": f"the trusted checkpoint {held}", "size": 6},
+    ]
+    assert main(["audit", "verify", "--data-dir", str(history.data_dir)]) == 0
+    said = capsys.readouterr().out
+    assert "consistent with the broker's anchor" in said and "tables agree with the log" in said
+
+
+def test_the_anchor_alone_fails_the_forged_store(
+    history: History, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13: `broker audit verify` exited 0 on this store ("no signed checkpoint covers
+    them yet")."""
+    _forge_stopped(history)
+    code, report = verify(capsys, history.data_dir)
+    assert code == 1
+    assert report["problems"][0] == (  # type: ignore[index]
+        "entries 0..5 do not hash to the broker's anchor (audit-anchor) (size 6): history was "
+        "rewritten before index 6"
+    )
+
+
+def test_a_trusted_checkpoint_fails_the_forged_store_without_the_anchor(
+    history: History, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whoever also holds the data dir removed the anchor; an auditor's copy still tells."""
+    held = tmp_path / "auditor-copy"
+    held.write_text(history.checkpoint)
+    _forge_stopped(history)
+    (history.data_dir / "audit-anchor").unlink()
+    code, report = verify(capsys, history.data_dir, "--trusted-checkpoint", str(held))
+    assert code == 1
+    assert report["problems"][0] == (  # type: ignore[index]
+        f"entries 0..5 do not hash to the trusted checkpoint {held} (size 6): history was "
+        "rewritten before index 6"
+    )
+    # Without it, only the state tables (which the writer left alone) still tell.
+    code, report = verify(capsys, history.data_dir)
+    assert code == 1 and report["trusted"] == []
+    assert all(str(p).startswith("grant ") for p in report["problems"])  # type: ignore[union-attr]
+
+
+def test_a_trusted_checkpoint_beyond_the_store_is_a_rollback(
+    history: History, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    execute(history.data_dir, "DELETE FROM events WHERE idx >= 4")
+    execute(history.data_dir, "DELETE FROM tree_nodes WHERE idx * (1 << level) >= 4")
+    execute(history.data_dir, "DELETE FROM checkpoints")
+    execute(history.data_dir, "UPDATE log_head SET size = 4")
+    (history.data_dir / "audit-anchor").unlink()
+    held = tmp_path / "auditor-copy"
+    held.write_text(history.checkpoint)
+    code, report = verify(capsys, history.data_dir, "--trusted-checkpoint", str(held))
+    assert code == 1 and report["first_bad_index"] == 4
+    assert (
+        f"index 4: the trusted checkpoint {held} covers 6 entries but the store has 4: the log "
+        "was truncated or rolled back" in report["problems"]  # type: ignore[operator]
+    )
+
+
+def test_a_trusted_checkpoint_that_does_not_verify_is_named(
+    history: History, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    origin = (history.data_dir / "audit-origin").read_text().strip()
+    forged = tmp_path / "forged"
+    signer = NoteSigner(origin, Ed25519PrivateKey.generate())
+    forged.write_bytes(signer.sign(Checkpoint(origin, 6, b"\x07" * 32)))
+    code, report = verify(capsys, history.data_dir, "--trusted-checkpoint", str(forged))
+    assert code == 1
+    assert str(report["problems"]).startswith(f"['the trusted checkpoint {forged} does not verify")
+    code = main(
+        ["audit", "verify", "--data-dir", str(history.data_dir), "--trusted-checkpoint", "nope"]
+    )
+    assert code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_verify_holds_the_state_tables_against_the_log(
+    history: History, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reactivate(history.data_dir, history.revoked)
+    code, report = verify(capsys, history.data_dir)
+    assert code == 1
+    revoked_at = event_index(history.data_dir, "grant.revoked")
+    assert (
+        f"grant {history.revoked}: the grants table says active but the log says revoked "
+        f"(index {revoked_at})" in report["problems"]  # type: ignore[operator]
+    )
+    # Opting out of the state check is explicit, and then the log alone verifies.
+    code, report = verify(capsys, history.data_dir, "--log-only")
+    assert (code, report["ok"]) == (0, True)

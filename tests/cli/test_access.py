@@ -23,7 +23,8 @@ from tests.conftest import LiveServer, eval_token, exchange_form, person_token
 @dataclass(frozen=True)
 class Gated:
     argv: tuple[str, ...]
-    """The command line; ``{grant}`` and ``{approval}`` name a real grant and request."""
+    """The command line; ``{grant}`` and ``{approval}`` name a real grant and request,
+    ``{tmp}`` the test's own temporary directory."""
     caller_roles: tuple[str, ...]
     """The person who runs it: roles that do not include the one needed."""
     needs: str
@@ -59,6 +60,21 @@ GATED: dict[tuple[str, ...], Gated] = {
         "needs role approver",
     ),
     ("lineage",): Gated(("lineage", "llama-7b"), (), "needs role approver or auditor or admin"),
+    ("approvals", "wait"): Gated(
+        ("approvals", "wait", "{approval}", "--timeout", "0"),
+        (),
+        "needs role approver or auditor or admin",
+    ),
+    ("audit", "monitor"): Gated(
+        ("audit", "monitor", "--state", "{tmp}/monitor.state", "--once"),
+        ("approver",),
+        "needs role auditor or admin",
+    ),
+    ("rollback-tests", "list"): Gated(
+        ("rollback-tests", "list", "--model", "llama-7b"),
+        (),
+        "needs role approver or auditor or admin",
+    ),
 }
 ANY_PERSON = {("token", "introspect")}  # any person or workload may introspect (docs/api.md)
 
@@ -96,7 +112,7 @@ def test_command_without_the_role_exits_1_naming_it(
     token = person_token(broker, *gated.caller_roles)
     bearer = tmp_path / "bearer.jwt"
     bearer.write_text(token)
-    argv = [a.format(grant=grant, approval=approval) for a in gated.argv]
+    argv = [a.format(grant=grant, approval=approval, tmp=tmp_path) for a in gated.argv]
 
     code = main([*argv, "--bearer-file", str(bearer), "--url", server.url])
     out, err = capsys.readouterr()
