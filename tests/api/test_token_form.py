@@ -19,6 +19,7 @@ def test_requested_ttl_must_be_a_positive_number_of_seconds(
         400,
         {
             "error": "invalid_request",
-            "error_description": "requested_ttl: expected a positive whole number of at most 9 digits 0-9",
+            "error_description": "requested_ttl: expected a positive whole number of at most 9 "
+            "digits 0-9",
         },
     )

@@ -302,3 +302,16 @@ def test_every_transition_is_an_audit_event(client: TestClient, broker: Broker) 
         "approval.used",
         "exchange.allowed",
     ]
+
+
+def test_the_token_of_an_approved_exchange_is_spent(client: TestClient, broker: Broker) -> None:
+    """A single-use token spent by the approved path too: the same token, the same approval
+    id, again → replayed (not "is used": the replay is refused before the approval is read)."""
+    approval_id = ask(client, broker).json()["approval_id"]
+    assert review(client, broker, approval_id, "approve", "bob@example.com").status_code == 200
+    token = trainer(broker)
+    form = exchange_form(token, action="fine-tune", lineage=LINEAGE, approval_id=approval_id)
+    assert client.post("/v1/token", data=form).status_code == 200
+    again = client.post("/v1/token", data=form)
+    assert again.status_code == 400, again.text
+    assert "token replayed" in again.json()["error_description"]
