@@ -152,11 +152,11 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 def fill_disk(filler: Path) -> None:
     """Write zeros to ``filler`` until its filesystem is full (ENOSPC)."""
-    with filler.open("wb") as fh:
+    # Unbuffered: a buffered file would raise ENOSPC again when it is closed.
+    with filler.open("wb", buffering=0) as fh:
         try:
             while True:
                 fh.write(b"\0" * 65536)
-                fh.flush()
         except OSError:
             pass  # ENOSPC: the disk is full
 
