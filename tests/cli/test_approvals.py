@@ -13,6 +13,7 @@ import pytest
 from broker.cli import main as cli
 from broker.runtime import Broker
 from tests.approvals.test_flow import K8S, TRAINER
+from tests.cli.test_main import run
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, LiveServer
 from tests.faults import grant_statuses
 
@@ -27,10 +28,16 @@ LINEAGE = {
 }
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+def exchange_fine_tune(
+    capsys: pytest.CaptureFixture[str], server: LiveServer, job: Path, *extra: str
+) -> tuple[int, str, str]:
+    """``broker token exchange`` of the trainer's fine-tune with LINEAGE, plus ``extra``."""
+    return run(
+        capsys,
+        *("token", "exchange", "--token", str(job), "--model", "llama-7b"),
+        *("--action", "fine-tune", "--lineage", json.dumps(LINEAGE), "--url", server.url),
+        *extra,
+    )
 
 
 def job_token(broker: Broker, path: Path, **claims: object) -> Path:
@@ -184,22 +191,7 @@ def test_exchange_wait_opens_waits_and_exchanges_with_the_same_single_use_token(
 
     monkeypatch.setattr(cli, "_sleep", sleep)
     job = job_token(broker, tmp_path / "job.jwt")  # the dev issuer's tokens are single-use
-    common = ("--model", "llama-7b", "--action", "fine-tune", "--url", server.url)
-    lineage = json.dumps(LINEAGE)
-    code, out, err = run(
-        capsys,
-        "token",
-        "exchange",
-        "--token",
-        str(job),
-        *common,
-        "--lineage",
-        lineage,
-        "--ttl",
-        "10m",
-        "--wait",
-        "--json",
-    )
+    code, out, err = exchange_fine_tune(capsys, server, job, "--ttl", "10m", "--wait", "--json")
     assert code == 0, err
     answer = json.loads(out)
     assert answer["expires_in"] == 600 and answer["scope"] == "fine-tune"
@@ -241,24 +233,7 @@ def test_exchange_wait_that_is_denied_exchanges_nothing(
     approval_id = open_request(server, broker, tmp_path)
     decide(server, broker, approval_id, "deny", "dave@example.com")
     job = job_token(broker, tmp_path / "job.jwt")
-    code, _, err = run(
-        capsys,
-        "token",
-        "exchange",
-        "--token",
-        str(job),
-        "--model",
-        "llama-7b",
-        "--action",
-        "fine-tune",
-        "--lineage",
-        json.dumps(LINEAGE),
-        "--approval-id",
-        approval_id,
-        "--wait",
-        "--url",
-        server.url,
-    )
+    code, _, err = exchange_fine_tune(capsys, server, job, "--approval-id", approval_id, "--wait")
     assert code == 1
     assert err.startswith(f"error: approval_denied: approval {approval_id} is denied: denied by")
     assert grant_statuses(broker) == {}
@@ -273,25 +248,8 @@ def test_exchange_wait_with_an_approval_for_another_request_names_the_difference
     approval_id = open_request(server, broker, tmp_path)
     decide(server, broker, approval_id, "approve", "bob@example.com")
     job = job_token(broker, tmp_path / "job.jwt")
-    code, _, err = run(
-        capsys,
-        "token",
-        "exchange",
-        "--token",
-        str(job),
-        "--model",
-        "llama-7b",
-        "--action",
-        "fine-tune",
-        "--lineage",
-        json.dumps(LINEAGE),
-        "--ttl",
-        "5m",
-        "--approval-id",
-        approval_id,
-        "--wait",
-        "--url",
-        server.url,
+    code, _, err = exchange_fine_tune(
+        capsys, server, job, "--ttl", "5m", "--approval-id", approval_id, "--wait"
     )
     assert code == cli.EXIT_APPROVAL
     assert "ttl_seconds: approved 14400, requested 300" in err
