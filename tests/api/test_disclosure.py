@@ -110,3 +110,19 @@ def test_outside_dev_mode_only_the_policy_opts_into_explanations(
         assert b.grants.explain_denials is explains
     finally:
         b.close()
+
+
+def test_opening_an_approval_request_discloses_no_more_than_an_exchange(
+    quiet: tuple[TestClient, Broker],
+) -> None:
+    """POST /v1/approvals runs the same policy decision; its refusal hides the same values."""
+    client, broker = quiet
+    assert broker.dev_issuer is not None
+    token = broker.dev_issuer.mint(sub="system:serviceaccount:training:trainer")
+    resp = client.post(
+        "/v1/approvals",
+        json={"model": "gpt-x", "action": "fine-tune"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error_description"] == "unknown model 'gpt-x'"
