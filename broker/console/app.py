@@ -18,9 +18,11 @@ from broker.console.web import (
     CsrfRefused,
     SecurityHeaders,
     SignedOut,
+    Viewer,
     console_of,
     render,
     templates,
+    viewer,
 )
 from broker.errors import BrokerError
 from broker.runtime import Broker
@@ -45,8 +47,13 @@ def signins(broker: Broker) -> dict[str, OidcSignin]:
 
 
 def _page(request: Request, status: int, title: str, message: str) -> Response:
+    """An error page, in the frame of the viewer when one is signed in (to sign out)."""
     console = console_of(request)
-    return render(request, console, "error.html", None, status=status, title=title, message=message)
+    try:
+        who: Viewer | None = viewer(request, console)
+    except SignedOut:
+        who = None
+    return render(request, console, "error.html", who, status=status, title=title, message=message)
 
 
 async def _signed_out(request: Request, exc: Exception) -> Response:

@@ -145,9 +145,7 @@ def secure_cookies(issuer_url: str) -> bool:
 class Cookies:
     """Reads and writes the console's cookies."""
 
-    def __init__(
-        self, key: bytes, *, secure: bool, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, key: bytes, *, secure: bool, clock: Callable[[], float] = time.time) -> None:
         self._sealer = Sealer(key)
         self.secure = secure
         self.clock = clock

@@ -184,7 +184,9 @@ class Provider:
             def generate_user_info(self, user: User, _scope: str) -> UserInfo:
                 return UserInfo(sub=user.sub, **{GROUPS_CLAIM: user.groups})
 
-        server.register_grant(CodeGrant, [CodeChallenge(required=True), IdToken(require_nonce=True)])
+        server.register_grant(
+            CodeGrant, [CodeChallenge(required=True), IdToken(require_nonce=True)]
+        )
 
         @app.get("/.well-known/openid-configuration")
         def discovery() -> Any:

@@ -55,8 +55,6 @@ def open_request(
         "lineage": {"datasets": [{"uri": "s3://datasets/approved/set-1"}]},
         "reason": reason,
     }
-    opened = client.post(
-        "/v1/approvals", json=body, headers={"Authorization": f"Bearer {token}"}
-    )
+    opened = client.post("/v1/approvals", json=body, headers={"Authorization": f"Bearer {token}"})
     assert opened.status_code == 201, opened.text
     return str(opened.json()["id"])

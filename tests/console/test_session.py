@@ -162,7 +162,10 @@ def test_another_sessions_csrf_token_is_refused(app: FastAPI, broker: Broker) ->
 
 def test_csrf_guards_revocation_signout_and_the_dev_form(web: TestClient, broker: Broker) -> None:
     sign_in(web, "dave@example.com", "admin")
-    assert web.post("/console/revocations", data={"model": "llama-7b", "reason": "x"}).status_code == 403
+    assert (
+        web.post("/console/revocations", data={"model": "llama-7b", "reason": "x"}).status_code
+        == 403
+    )
     assert web.post("/console/grants/g_x/revoke", data={"reason": "x"}).status_code == 403
     assert web.post("/console/signout", data={}).status_code == 403
     assert web.get("/console/approvals").status_code == 200  # still signed in
