@@ -120,6 +120,8 @@ class Provider:
         self.id_token_ttl = id_token_ttl
         self.codes: dict[str, _Code] = {}
         self.tokens_issued = 0
+        self.audience: str | None = None
+        """The ID tokens' ``aud`` when set (default: the client id), to test refusals."""
         self.app = self._app()
 
     def jwks(self) -> dict[str, Any]:
@@ -177,7 +179,7 @@ class Provider:
                 provider.tokens_issued += 1
                 return {
                     "iss": provider.url,
-                    "aud": client.client_id,
+                    "aud": provider.audience or client.client_id,
                     "exp": int(time.time()) + provider.id_token_ttl,
                 }
 
