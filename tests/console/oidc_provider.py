@@ -27,7 +27,7 @@ from authlib.oidc.core import UserInfo
 from authlib.oidc.core.grants import OpenIDCode
 from flask import Flask, jsonify, request
 from joserfc.jwk import RSAKey
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 GROUPS_CLAIM = "groups"
 
@@ -232,6 +232,11 @@ class Provider:
         return app
 
 
+class _Quiet(WSGIRequestHandler):
+    def log_request(self, *_args: Any) -> None:
+        """No access log: its query strings carry codes and states."""
+
+
 @contextmanager
 def run_provider(
     port: int,
@@ -251,7 +256,7 @@ def run_provider(
         client_secret=client_secret,
         id_token_ttl=id_token_ttl,
     )
-    server = make_server("127.0.0.1", port, provider.app, threaded=True)
+    server = make_server("127.0.0.1", port, provider.app, threaded=True, request_handler=_Quiet)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
