@@ -4,13 +4,14 @@ form that mints a dev person token."""
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from starlette.responses import RedirectResponse, Response
 
 from broker.console.oidc import SigninFailed
-from broker.console.session import MAX_SESSION_S, LoginState
+from broker.console.session import MAX_SESSION_S, SESSION_COOKIE, LoginState
 from broker.console.web import ConsoleDep, CsrfRefused, check_csrf, render, viewer
 from broker.errors import IdentityRejected, NotFound
 from broker.identity.types import Person
@@ -19,11 +20,12 @@ router = APIRouter()
 dev_router = APIRouter()
 HOME = "/console/approvals"
 ROLES = ("approver", "auditor", "admin")
+OAUTH_ERROR = re.compile(r"[a-z_]{1,64}")
 
 
 @router.get("/")
 def home(request: Request) -> Response:
-    target = HOME if request.cookies.get("broker_console") else "/console/signin"
+    target = HOME if request.cookies.get(SESSION_COOKIE) else "/console/signin"
     return RedirectResponse(target, status_code=303)
 
 
@@ -95,7 +97,9 @@ def callback(
     login = console.cookies.login(dict(request.cookies))
     problem = None
     if error is not None:
-        problem = f"the identity provider refused the sign-in: {error[:100]}"
+        # Only an error code (RFC 6749 §4.1.2.1: a-z and _) is shown: anyone can link here.
+        code_shown = error if OAUTH_ERROR.fullmatch(error) else "an error"
+        problem = f"the identity provider refused the sign-in: {code_shown}"
     elif login is None:
         problem = "this sign-in was not started here, or took longer than 10 minutes"
     elif state is None or not hmac.compare_digest(state.encode(), login.state.encode()):

@@ -147,6 +147,9 @@ def test_the_provider_refusing_is_shown(flow: Flow) -> None:
     flow.web.get("/console/login/corp")
     refused = flow.web.get("/console/callback", params={"error": "access_denied", "state": "x"})
     assert refused.status_code == 401 and "refused the sign-in: access_denied" in refused.text
+    # Anyone can link to the callback: only an error code is shown, never free text.
+    forged = flow.web.get("/console/callback", params={"error": "Session expired: visit evil"})
+    assert "refused the sign-in: an error" in forged.text and "evil" not in forged.text
 
 
 def test_an_unknown_issuer_has_no_sign_in(flow: Flow) -> None:
