@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from starlette.responses import RedirectResponse, Response
 
+from broker.bounds import shown
 from broker.console.oidc import SigninFailed
 from broker.console.session import MAX_SESSION_S, SESSION_COOKIE, LoginState
 from broker.console.web import ConsoleDep, CsrfRefused, check_csrf, render, viewer
@@ -67,7 +68,7 @@ def login(issuer: str, console: ConsoleDep) -> Response:
     """Send the browser to the issuer's authorization endpoint, remembering the sign-in."""
     signin = console.signins.get(issuer)
     if signin is None:
-        raise NotFound(f"no people issuer {issuer!r} with a console client")
+        raise NotFound(f"no people issuer {shown(issuer)} with a console client")
     started = signin.start()
     response = RedirectResponse(started.url, status_code=303)
     console.cookies.start_login(
@@ -84,6 +85,28 @@ def _signed_in(request: Request, console: ConsoleDep, id_token: str, person: Per
     return response
 
 
+def _unanswerable(
+    console: ConsoleDep,
+    login: LoginState | None,
+    code: str | None,
+    state: str | None,
+    error: str | None,
+) -> str | None:
+    """Why a callback cannot complete before anything is redeemed, or None."""
+    if error is not None:
+        # Only an error code (RFC 6749 §4.1.2.1: a-z and _) is shown: anyone can link here.
+        said = error if OAUTH_ERROR.fullmatch(error) else "an error"
+        return f"the identity provider refused the sign-in: {said}"
+    if login is None or login.issuer not in console.signins:
+        return "this sign-in was not started here, or took longer than 10 minutes"
+    if state is None or not hmac.compare_digest(state.encode(), login.state.encode()):
+        # NOTE: state ties the answer to the browser that started the sign-in (login CSRF).
+        return "the sign-in answer does not belong to this browser's sign-in (state)"
+    if code is None:
+        return "the sign-in answer carries no code"
+    return None
+
+
 @router.get("/callback")
 def callback(
     request: Request,
@@ -95,20 +118,9 @@ def callback(
     """Where the provider sends the browser back: check ``state`` against the login cookie,
     redeem the code with the PKCE verifier, verify the ID token and its nonce."""
     login = console.cookies.login(dict(request.cookies))
-    problem = None
-    if error is not None:
-        # Only an error code (RFC 6749 §4.1.2.1: a-z and _) is shown: anyone can link here.
-        code_shown = error if OAUTH_ERROR.fullmatch(error) else "an error"
-        problem = f"the identity provider refused the sign-in: {code_shown}"
-    elif login is None:
-        problem = "this sign-in was not started here, or took longer than 10 minutes"
-    elif state is None or not hmac.compare_digest(state.encode(), login.state.encode()):
-        # NOTE: state ties the answer to the browser that started the sign-in (login CSRF).
-        problem = "the sign-in answer does not belong to this browser's sign-in (state)"
-    elif code is None or login.issuer not in console.signins:
-        problem = "the sign-in answer carries no code"
+    problem = _unanswerable(console, login, code, state, error)
     if problem is not None or login is None or code is None:
-        response = _failed(request, console, problem or "sign-in failed")
+        response = _failed(request, console, problem or "")
     else:
         try:
             id_token, person = console.signins[login.issuer].finish(
@@ -123,7 +135,7 @@ def callback(
             response = _failed(request, console, f"the ID token was refused: {exc.description}")
         else:
             response = _signed_in(request, console, id_token, person)
-    console.cookies.end_login(response)
+    console.cookies.end_login(response)  # a login state is used once, whatever the outcome
     return response
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Form, Request
 from starlette.responses import RedirectResponse, Response
 
 from broker.api.deps import Permission, require
+from broker.bounds import shown
 from broker.console.approvals import checked_reason
 from broker.console.web import ConsoleDep, ViewerDep, check_csrf, render
 from broker.errors import BrokerError, InvalidRequest
@@ -98,7 +99,7 @@ def revoke(
 
 def _model(console: ConsoleDep, model: str) -> str:
     if model not in console.broker.policy.policy.models:
-        raise InvalidRequest(f"model: {model[:100]!r} is not a model of the policy")
+        raise InvalidRequest(f"model: {shown(model)} is not a model of the policy")
     return model
 
 
