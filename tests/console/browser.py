@@ -40,10 +40,18 @@ def require_chromium() -> Any:
     return sync_playwright
 
 
-def console_policy(directory: Path, provider_url: str) -> Path:
+def console_policy(directory: Path, provider_url: str, *, dev: bool = True) -> Path:
     """The example policy plus a people issuer ``corp`` at ``provider_url`` with a console
-    client, and alice's identity there."""
+    client, and alice's identity there; without ``dev``, less its dev issuers."""
     doc = yaml.safe_load(EXAMPLE_POLICY.read_text())
+    if not dev:
+        names = {i["name"] for i in doc["issuers"] if i.get("dev")}
+        doc["issuers"] = [i for i in doc["issuers"] if i["name"] not in names]
+        doc["rules"] = [r for r in doc["rules"] if r["issuer"] not in names]
+        doc["people"] = {
+            person: [ref for ref in refs if ref["issuer"] not in names]
+            for person, refs in doc["people"].items()
+        }
     keys = directory / "keys"
     shutil.copytree(EXAMPLE_POLICY.parent / "keys", keys)
     doc["issuers"].append(

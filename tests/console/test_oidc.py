@@ -49,18 +49,18 @@ class Flow:
         return self.web.get("/console/callback", params={"code": code, "state": state})
 
 
-def _flow(tmp_path: Path, *, secret: str | None = None) -> Iterator[Flow]:
+def _flow(tmp_path: Path, *, secret: str | None = None, dev: bool = True) -> Iterator[Flow]:
     with run_provider(
         free_port(), client_id=CLIENT_ID, redirect_uri=CALLBACK, users=PEOPLE, client_secret=secret
     ) as provider:
-        policy = console_policy(tmp_path, provider.url)
+        policy = console_policy(tmp_path, provider.url, dev=dev)
         if secret is not None:
             doc = yaml.safe_load(policy.read_text())
             (tmp_path / "console-secret").write_text(secret + "\n")
             doc["issuers"][-1]["console"]["client_secret_file"] = "console-secret"
             policy.write_text(yaml.safe_dump(doc, sort_keys=False))
         broker = build_broker(
-            Settings(dev=True, data_dir=tmp_path / "data", policy=policy, port=8080)
+            Settings(dev=dev, data_dir=tmp_path / "data", policy=policy, port=8080)
         )
         try:
             with TestClient(create_app(broker=broker), follow_redirects=False) as web:
@@ -163,3 +163,14 @@ def test_a_confidential_client_signs_in_with_its_secret(tmp_path: Path) -> None:
         done = flow.callback(code, state)
         assert done.status_code == 200, done.text
         assert "s3cr3t" not in done.text
+
+
+def test_outside_dev_mode_there_is_no_dev_sign_in(tmp_path: Path) -> None:
+    for flow in _flow(tmp_path, dev=False):
+        page = flow.web.get("/console/signin")
+        assert "Sign in with corp" in page.text
+        assert "DEV" not in page.text and "/console/dev/signin" not in page.text
+        assert flow.web.post("/console/dev/signin", data={"name": "eve"}).status_code == 404
+        code, state = flow.authorize("dave@example.com")
+        assert flow.callback(code, state).status_code == 200
+        assert "Audit log" in flow.web.get("/console/audit").text
