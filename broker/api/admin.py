@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.api.deps import BrokerDep, PersonDep, require_role
+from broker.api.deps import BrokerDep, Permission, PersonDep, require
 
 router = APIRouter(prefix="/v1", tags=["admin"])
 
@@ -35,14 +35,14 @@ def list_grants(
     status: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    require_role(person, "auditor", "admin")
+    require(person, Permission.READ_GRANTS)
     grants = broker.grants.find(model=model, subject=subject, status=status, limit=limit)
     return {"grants": [g.to_public() for g in grants]}
 
 
 @router.get("/grants/{grant_id}")
 def show_grant(grant_id: str, broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
-    require_role(person, "auditor", "admin")
+    require(person, Permission.READ_GRANTS)
     return broker.grants.get(grant_id).to_public()
 
 
@@ -50,13 +50,13 @@ def show_grant(grant_id: str, broker: BrokerDep, person: PersonDep) -> dict[str,
 def revoke_grant(
     grant_id: str, body: RevokeBody, broker: BrokerDep, person: PersonDep
 ) -> dict[str, Any]:
-    require_role(person, "admin")
+    require(person, Permission.REVOKE_GRANTS)
     return broker.grants.revoke(grant_id, person, body.reason).to_public()
 
 
 @router.post("/revocations")
 def bulk_revoke(body: BulkRevokeBody, broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
-    require_role(person, "admin")
+    require(person, Permission.REVOKE_GRANTS)
     ids = broker.grants.revoke_matching(
         actor=person, reason=body.reason, model=body.model, subject=body.subject, issuer=body.issuer
     )
@@ -68,7 +68,7 @@ def rotate_keys(broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
     """The published next key starts signing; the old current stays published as previous;
     the old previous is retired (tokens it signed stop verifying at relying parties that
     refresh their JWKS); a new next key is published."""
-    require_role(person, "admin")
+    require(person, Permission.ROTATE_KEYS)
     new = broker.keys.new_key()
     current = broker.keys.next.kid
     retired = broker.keys.previous.kid if broker.keys.previous else None

@@ -16,6 +16,8 @@ from broker.api import admin, approvals, audit, dev, public, rollback_tests, tok
 from broker.api.bodies import BodyLimit
 from broker.api.clients import ClientAddresses, parse_networks
 from broker.bounds import capped
+from broker.console.app import PREFIX as CONSOLE
+from broker.console.app import create_console
 from broker.errors import BrokerError, Unauthenticated
 from broker.runtime import Broker, build_broker
 from broker.settings import Settings
@@ -101,4 +103,5 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.include_router(public.router)
     if instance.settings.dev:
         app.include_router(dev.router)
+    app.mount(CONSOLE, create_console(instance))
     return app

@@ -13,7 +13,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from broker.api.deps import BrokerDep, PersonDep, WorkloadDep, authenticate_any, require_role
+from broker.api.deps import (
+    BrokerDep,
+    Permission,
+    PersonDep,
+    WorkloadDep,
+    authenticate_any,
+    require,
+)
 from broker.backends.base import TOKEN_TYPE_JWT
 from broker.errors import Forbidden, InvalidRequest
 from broker.grants.service import ExchangeRequest
@@ -21,7 +28,6 @@ from broker.identity.types import Person, WorkloadIdentity
 from broker.policy import Outcome
 
 router = APIRouter(prefix="/v1", tags=["approvals"])
-READERS = ("approver", "auditor", "admin")
 
 
 AnyCallerDep = Annotated[Person | WorkloadIdentity, Depends(authenticate_any)]
@@ -81,7 +87,7 @@ def list_requests(
     model: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    require_role(person, *READERS)
+    require(person, Permission.READ_APPROVALS)
     return {"approvals": broker.approvals.find(status=status, model=model, limit=limit)}
 
 
@@ -89,7 +95,7 @@ def list_requests(
 def show_request(approval_id: str, broker: BrokerDep, caller: AnyCallerDep) -> dict[str, Any]:
     view = broker.approvals.get(approval_id)
     if isinstance(caller, Person):
-        require_role(caller, *READERS)
+        require(caller, Permission.READ_APPROVALS)
     elif (caller.issuer_name, caller.subject) != (
         view["requester"]["issuer"],
         view["requester"]["subject"],
@@ -122,5 +128,5 @@ def cancel(
 @router.get("/lineage/{model}", tags=["lineage"])
 def lineage(model: str, broker: BrokerDep, person: PersonDep, limit: int = 100) -> dict[str, Any]:
     """Every grant for a model-altering action on ``model``: who, when, approvals, lineage."""
-    require_role(person, *READERS)
+    require(person, Permission.READ_APPROVALS)
     return {"model": model, "history": broker.grants.lineage(model, limit=limit)}

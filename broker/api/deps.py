@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Annotated, TypeVar
 
 import jwt
@@ -84,6 +85,38 @@ def authenticate_any(request: Request, broker: BrokerDep) -> Person | WorkloadId
         raise _rejected(exc) from None
     except jwt.InvalidTokenError:
         raise _rejected(IdentityRejected("not a JWT")) from None
+
+
+class Permission(StrEnum):
+    """What a person may be allowed to do. The API's routes and the console's pages both ask
+    :func:`permits` / :func:`require`: one place decides who may do what. Reviewing an
+    approval request is decided by the approval rules instead (``review_refusal``)."""
+
+    READ_GRANTS = "read grants"
+    REVOKE_GRANTS = "revoke grants"
+    ROTATE_KEYS = "rotate signing keys"
+    READ_AUDIT = "read the audit log"
+    READ_APPROVALS = "read approval requests, lineage and rollback tests"
+
+
+ROLES: dict[Permission, tuple[str, ...]] = {
+    Permission.READ_GRANTS: ("auditor", "admin"),
+    Permission.REVOKE_GRANTS: ("admin",),
+    Permission.ROTATE_KEYS: ("admin",),
+    Permission.READ_AUDIT: ("auditor", "admin"),
+    Permission.READ_APPROVALS: ("approver", "auditor", "admin"),
+}
+"""The roles that grant each permission (any one of them)."""
+
+
+def permits(person: Person, permission: Permission) -> bool:
+    """Whether ``person`` holds ``permission``."""
+    return person.has_role(*ROLES[permission])
+
+
+def require(person: Person, permission: Permission) -> None:
+    """Raise Forbidden (naming the roles that would pass) unless ``person`` holds it."""
+    require_role(person, *ROLES[permission])
 
 
 def require_role(person: Person, *roles: str) -> None:

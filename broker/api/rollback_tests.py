@@ -8,8 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 
-from broker.api.approvals import READERS
-from broker.api.deps import BrokerDep, PersonDep, WorkloadDep, require_role
+from broker.api.deps import BrokerDep, Permission, PersonDep, WorkloadDep, require
 from broker.approvals.rollback_tests import ROLLBACK_TEST, Authorise
 from broker.backends.base import TOKEN_TYPE_JWT
 from broker.grants.service import ExchangeRequest, GrantService
@@ -50,5 +49,5 @@ def list_tests(
     limit: int = 100,
 ) -> dict[str, Any]:
     """Recorded rollback tests, newest first."""
-    require_role(person, *READERS)
+    require(person, Permission.READ_APPROVALS)
     return {"rollback_tests": broker.rollback_tests.find(model=model, uri=uri, limit=limit)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select, update
@@ -385,25 +385,12 @@ class ApprovalService:
         with self.store.write() as session:
             row = self._row(session, approval_id, lock=True)
             self._settle_expiry(session, row, now)
-            if row.status != ApprovalState.PENDING:
-                raise Conflict(
-                    f"approval {approval_id} is already {row.status}; the first resolution is final"
-                )
             earlier = session.scalars(select(ReviewRow).where(ReviewRow.request_id == row.id)).all()
-            refusal = review_refusal(
-                self.policy.policy,
-                person,
-                model=row.model,
-                requester=(row.issuer, row.subject, row.bound.get("claims", {})),
-                earlier_reviewers=[(r.reviewer_issuer, r.reviewer_subject) for r in earlier],
-            )
-            if refusal is not None:
-                kind, message = refusal
-                raise (Conflict if kind == "twice" else Forbidden)(message)
-            if decision == "approve" and row.rollback_required:
-                gap = self._rollback_gap(session, row, now)
-                if gap:
-                    raise RollbackUntested(f"approval {approval_id} cannot complete: {gap}")
+            refused = self._refusal(session, row, ApprovalState(row.status), earlier, person, now)
+            if refused is not None and (
+                decision == "approve" or not isinstance(refused, RollbackUntested)
+            ):
+                raise refused
             session.add(
                 ReviewRow(
                     request_id=row.id,
@@ -453,6 +440,54 @@ class ApprovalService:
         if resolved is not None:
             self._notify(f"approval.{resolved}", view)
         return view
+
+    def refusal(self, approval_id: str, person: Person, decision: str) -> BrokerError | None:
+        """The error :meth:`review` would raise for ``person``'s ``decision`` now, or None: what
+        the console asks before it offers the approve and deny buttons (the same rules, so a
+        page never offers what the server refuses)."""
+        now = self.clock()
+        with self.store.read() as session:
+            row = self._row(session, approval_id)
+            state = effective_state(
+                row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
+            )
+            earlier = session.scalars(select(ReviewRow).where(ReviewRow.request_id == row.id)).all()
+            refused = self._refusal(session, row, state, earlier, person, now)
+        if refused is not None and (
+            decision == "approve" or not isinstance(refused, RollbackUntested)
+        ):
+            return refused
+        return None
+
+    def _refusal(
+        self,
+        session: Session,
+        row: ApprovalRow,
+        state: ApprovalState,
+        earlier: Sequence[ReviewRow],
+        person: Person,
+        now: dt.datetime,
+    ) -> BrokerError | None:
+        """Why ``person`` may not review ``row`` (in ``state``) now: it is resolved, the
+        approval rules refuse the reviewer, or the rollback gate is not satisfied
+        (:class:`RollbackUntested`, which refuses an approve only)."""
+        if state is not ApprovalState.PENDING:
+            return Conflict(f"approval {row.id} is already {state}; the first resolution is final")
+        refusal = review_refusal(
+            self.policy.policy,
+            person,
+            model=row.model,
+            requester=(row.issuer, row.subject, row.bound.get("claims", {})),
+            earlier_reviewers=[(r.reviewer_issuer, r.reviewer_subject) for r in earlier],
+        )
+        if refusal is not None:
+            kind, message = refusal
+            return (Conflict if kind == "twice" else Forbidden)(message)
+        if row.rollback_required:
+            gap = self._rollback_gap(session, row, now)
+            if gap:
+                return RollbackUntested(f"approval {row.id} cannot complete: {gap}")
+        return None
 
     def cancel(self, approval_id: str, requester: WorkloadIdentity, reason: str) -> dict[str, Any]:
         """Cancel a pending request; only its requester (same issuer and subject) may."""

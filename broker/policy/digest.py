@@ -6,6 +6,8 @@ whitespace, UTF-8) of the *validated* policy, so key order, comments, YAML style
 defaults (``approvals: 0``, ``max_ttl: 3600`` vs ``1h``) do not change it, while every field
 that the broker acts on does.
 
+An issuer's ``console`` client settings stay out of it: they decide no exchange or approval.
+
 NOTE: ``jwks_file`` enters the digest as the fingerprint of the key set it contains, not as a
 path. The digest is then the same wherever the repository is checked out, and replacing the
 trusted keys behind an unchanged path does change it.
@@ -45,6 +47,9 @@ def policy_digest(policy: Policy, *, jwks_fingerprints: Mapping[str, str]) -> st
     """
     document = policy.model_dump(mode="json")
     for issuer in document["issuers"]:
+        # NOTE: how the console signs people in decides nothing that a grant or an approval
+        # binds to; changing its client must not invalidate every pending approval.
+        issuer.pop("console", None)
         if issuer["jwks_file"] is None:
             continue
         fingerprint = jwks_fingerprints.get(issuer["name"])

@@ -70,6 +70,8 @@ class LoadedPolicy:
     """A people issuer's group value → the role names it grants (the inverse of ``roles``)."""
     webhook_secret: str | None = field(default=None, repr=False)
     """The webhook signing secret read from ``approval.webhook.secret_file`` (``whsec_...``)."""
+    console_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Issuer name → the console client secret read from its ``console.client_secret_file``."""
 
     def roles_for(self, groups: Iterable[str]) -> frozenset[str]:
         """The role names (``admin``, ``approver``, ``auditor``) that ``groups`` grant.
@@ -120,6 +122,7 @@ def parse_policy(text: str, *, source: str, base_dir: Path, dev_mode: bool = Fal
     policy, jwks = _load_key_sets(policy, source, base_dir)
     webhook = policy.approval.webhook
     secret = _read_webhook_secret(base_dir / webhook.secret_file, source) if webhook else None
+    console_secrets = _read_console_secrets(policy, source, base_dir)
     digest = policy_digest(
         policy, jwks_fingerprints={name: sha256_digest(doc) for name, doc in jwks.items()}
     )
@@ -131,6 +134,7 @@ def parse_policy(text: str, *, source: str, base_dir: Path, dev_mode: bool = Fal
         jwks=MappingProxyType(jwks),
         group_roles=MappingProxyType(_group_roles(policy)),
         webhook_secret=secret,
+        console_secrets=MappingProxyType(console_secrets),
     )
 
 
@@ -485,6 +489,26 @@ def _read_webhook_secret(path: Path, source: str) -> str:
             "`echo whsec_$(head -c 32 /dev/urandom | base64)`",
         )
     return text
+
+
+def _read_console_secrets(policy: Policy, source: str, base_dir: Path) -> dict[str, str]:
+    """Each people issuer's console client secret (surrounding whitespace ignored). Raises
+    PolicyError for a file that cannot be read or is empty; never quotes the file."""
+    secrets: dict[str, str] = {}
+    for index, issuer in enumerate(policy.issuers):
+        if issuer.console is None or issuer.console.client_secret_file is None:
+            continue
+        where = f"issuers[{index}].console.client_secret_file"
+        path = (base_dir / issuer.console.client_secret_file).resolve()
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise PolicyError(source, where, f"{path}: cannot read the secret: {why}") from exc
+        if not text:
+            raise PolicyError(source, where, f"{path}: the file is empty")
+        secrets[issuer.name] = text
+    return secrets
 
 
 # --- compilation ---------------------------------------------------------------------------------

@@ -55,6 +55,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ConsoleClient(_Strict):
+    """How the browser console (``/console``) signs people in with this people issuer: an
+    OpenID Connect client registered at the issuer (authorization code flow with PKCE)."""
+
+    client_id: str = Field(min_length=1)
+    """The client registered at the issuer; ID tokens carry it as ``aud``, so it must also be
+    one of the issuer's ``audiences``."""
+    client_secret_file: Path | None = None
+    """A confidential client's secret, relative to the policy file; none: a public client
+    (PKCE only)."""
+    redirect_url: str | None = Field(default=None, pattern=r"^https?://\S+/console/callback$")
+    """Default: the broker's issuer URL (``BROKER_ISSUER_URL``) + ``/console/callback``."""
+    scopes: list[str] = Field(default_factory=lambda: ["openid"], min_length=1)
+    """Scopes asked for; ``openid`` is required, add what the issuer needs to put the roles
+    claim in the ID token (``groups``, ``profile``...)."""
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, scopes: list[str]) -> list[str]:
+        if "openid" not in scopes:
+            raise ValueError("scopes must include openid (it is an OpenID Connect sign-in)")
+        return scopes
+
+
 class IssuerConfig(_Strict):
     """A trusted identity provider."""
 
@@ -73,6 +97,8 @@ class IssuerConfig(_Strict):
     roles_claim: str | None = None
     dev: bool = False
     """Keys come from the broker's in-process dev issuer; refused unless ``--dev``."""
+    console: ConsoleClient | None = None
+    """People issuers only: sign-in to the browser console (docs/console.md)."""
 
     @field_validator("algorithms")
     @classmethod
@@ -94,6 +120,14 @@ class IssuerConfig(_Strict):
             raise ValueError("a people issuer needs roles_claim (the claim that lists groups)")
         if self.kind == "workload" and self.roles_claim:
             raise ValueError("roles_claim is only for kind: people")
+        if self.console is not None:
+            if self.kind != "people":
+                raise ValueError("console is only for kind: people (people sign in to it)")
+            if self.console.client_id not in self.audiences:
+                raise ValueError(
+                    f"console.client_id {self.console.client_id!r} must be one of audiences: "
+                    "the ID token's aud is the client id, and the verifier checks aud"
+                )
         return self
 
     @property

@@ -128,3 +128,27 @@ def test_exchange_whose_check_saw_the_approved_binding_still_cannot_use_it_for_a
     assert "access_token" not in resp.text
     assert grant_statuses(broker) == {}
     assert broker.approvals.get(approval_id)["status"] == "approved"
+
+
+def _person(broker: Broker, sub: str, *roles: str) -> Any:
+    assert broker.dev_issuer is not None
+    token = broker.dev_issuer.mint(sub=sub, roles=list(roles or ("approver",)))
+    return broker.verifier.verify_person(token)
+
+
+def test_refusal_answers_what_review_would_raise(client: TestClient, broker: Broker) -> None:
+    """The console offers approve and deny by refusal(); it must agree with review()."""
+    approval_id = deploy(client, broker, point_lineage()).json()["approval_id"]
+    service = broker.approvals
+    bob, auditor = _person(broker, "bob@example.com"), _person(broker, "ann", "auditor")
+    # The rollback gate refuses an approve only; a deny is still open to bob.
+    untested = service.refusal(approval_id, bob, "approve")
+    assert untested is not None and untested.code == "rollback_untested"
+    assert service.refusal(approval_id, bob, "deny") is None
+    role = service.refusal(approval_id, auditor, "deny")
+    assert role is not None and role.status == 403 and "needs role approver" in role.description
+    with pytest.raises(type(untested)):
+        service.review(approval_id, bob, "approve", "x")
+    service.review(approval_id, bob, "deny", "not tested")
+    final = service.refusal(approval_id, _person(broker, "carol@example.com"), "deny")
+    assert isinstance(final, Conflict) and "already denied" in final.description

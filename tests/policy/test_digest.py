@@ -23,9 +23,21 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_digest_is_sha256_of_the_canonical_validated_document(loaded: Any) -> None:
     document = loaded.policy.model_dump(mode="json")
+    for issuer in document["issuers"]:
+        del issuer["console"]  # the console's client settings decide nothing
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     assert loaded.digest == "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_console_client_settings_leave_the_digest_alone(parse: Any, policy_doc: Any) -> None:
+    before = parse(policy_doc).digest
+    people = next(i for i in policy_doc["issuers"] if i.get("kind") == "people")
+    people["audiences"] = [*people["audiences"], "broker-console"]
+    with_audience = parse(policy_doc).digest
+    people["console"] = {"client_id": "broker-console", "scopes": ["openid", "groups"]}
+
+    assert parse(policy_doc).digest == with_audience != before
 
 
 def test_canonical_json_is_sorted_compact_utf8() -> None:

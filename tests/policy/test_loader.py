@@ -611,3 +611,61 @@ def test_loading_elsewhere_gives_the_same_policy(tmp_path: Path) -> None:
 
     assert moved.policy.issuers[1].jwks_file == tmp_path / "examples" / "keys" / "cluster-jwks.json"
     assert moved.digest == load_policy(EXAMPLE_POLICY, dev_mode=True).digest
+
+
+# --- the console client of a people issuer ---------------------------------------------------
+
+
+def _people(doc: Any) -> dict[str, Any]:
+    people: dict[str, Any] = next(i for i in doc["issuers"] if i.get("kind") == "people")
+    people["audiences"] = [*people["audiences"], "broker-console"]
+    return people
+
+
+def test_a_people_issuer_takes_a_console_client(parse: Any, policy_doc: Any) -> None:
+    _people(policy_doc)["console"] = {"client_id": "broker-console"}
+    issuer = next(i for i in parse(policy_doc).policy.issuers if i.console is not None)
+    assert issuer.console is not None
+    assert issuer.console.scopes == ["openid"] and issuer.console.redirect_url is None
+
+
+@pytest.mark.parametrize(
+    ("console", "says"),
+    [
+        ({"client_id": "other-app"}, "must be one of audiences"),
+        ({"client_id": "broker-console", "scopes": ["groups"]}, "must include openid"),
+        (
+            {"client_id": "broker-console", "redirect_url": "https://b.example/elsewhere"},
+            "redirect_url",
+        ),
+    ],
+)
+def test_a_console_client_that_could_not_work_is_refused(
+    parse: Any, policy_doc: Any, console: dict[str, Any], says: str
+) -> None:
+    _people(policy_doc)["console"] = console
+    assert says in str(policy_error(parse, policy_doc))
+
+
+def test_a_workload_issuer_has_no_console(parse: Any, policy_doc: Any) -> None:
+    workload = next(i for i in policy_doc["issuers"] if i.get("kind", "workload") == "workload")
+    workload["console"] = {"client_id": workload["audiences"][0]}
+    assert "console is only for kind: people" in str(policy_error(parse, policy_doc))
+
+
+def test_the_console_secret_is_read_and_never_quoted(
+    parse: Any, policy_doc: Any, tmp_path: Path
+) -> None:
+    _people(policy_doc)["console"] = {
+        "client_id": "broker-console",
+        "client_secret_file": "console-secret",
+    }
+    missing = policy_error(parse, policy_doc)
+    assert "console.client_secret_file" in str(missing) and "cannot read" in str(missing)
+    (tmp_path / "console-secret").write_text("\n  \n")
+    assert "the file is empty" in str(policy_error(parse, policy_doc))
+    (tmp_path / "console-secret").write_text("the-secret\n")
+    loaded = parse(policy_doc)
+    name = next(i.name for i in loaded.policy.issuers if i.console is not None)
+    assert loaded.console_secrets == {name: "the-secret"}
+    assert "the-secret" not in repr(loaded)
