@@ -389,7 +389,13 @@ AGENT_WITH_TTL = (
 
 @pytest.mark.parametrize(
     "code",
-    ["import broker.cli.main", "import broker.client", "import broker.cli.agent", AGENT_WITH_TTL],
+    [
+        "import broker.cli.main",
+        "import broker.client",
+        "import broker.cli.agent",
+        "import broker.client.github_action",
+        AGENT_WITH_TTL,
+    ],
 )
 def test_the_cli_and_the_client_load_nothing_of_the_server(code: str) -> None:
     """Every command imports broker.cli.main and broker.client, training code imports
