@@ -114,6 +114,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             provider,
             Sink(sink_path, args.format),
             exit_after_auth=args.exit_after_auth,
+            refusal_ends_before_first=args.exec,
             stop=stop,
             on_credential=child.on_credential if child else None,
         )

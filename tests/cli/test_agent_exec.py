@@ -145,3 +145,17 @@ def test_usage_errors(tmp_path: Path, argv: tuple[str, ...], says: str) -> None:
     with agent(log, *EVAL, "--token-file", str(token_file), *argv) as proc:
         assert proc.wait(timeout=POLL_LIMIT_S) == 2
     assert says in log.read_text()
+
+
+def test_a_refusal_before_the_first_credential_exits_1_without_starting_the_command(
+    live_broker: tuple[LiveServer, Broker], tmp_path: Path
+) -> None:
+    server, broker = live_broker
+    token_file, out, log = tmp_path / "token", tmp_path / "child.out", tmp_path / "agent.log"
+    token_file.write_text(eval_token(broker))
+    argv = ("--model", "llama-7b", "--action", "deploy-weights", "--url", server.url)
+    with agent(
+        log, *argv, "--token-file", str(token_file), "--exec", "--", sys.executable, CHILD, str(out)
+    ) as proc:
+        assert proc.wait(timeout=POLL_LIMIT_S) == 1
+    assert "access_denied" in log.read_text() and not out.exists()
