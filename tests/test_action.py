@@ -440,3 +440,19 @@ def test_the_action_file_is_what_a_runner_accepts() -> None:
     assert action["inputs"]["audience"]["default"] == "model-broker"
     for spec in action["outputs"].values():
         assert EXPRESSION.fullmatch(spec["value"]), spec
+
+
+def test_a_python_older_than_3_11_is_named(
+    live: tuple[LiveServer, Broker], runner: Runner, tmp_path: Path
+) -> None:
+    old = tmp_path / "python3.10"
+    old.write_text("#!/bin/sh\nexit 1\n")  # what `sys.exit(sys.version_info < (3, 11))` gives
+    old.chmod(0o755)
+    server, _ = live
+    run = run_action(
+        tmp_path,
+        runner,
+        **{"broker-url": server.url, "model": "llama-7b", "action": "evaluate"},
+        python=str(old),
+    )
+    assert run.code == 1 and "is not Python 3.11 or later" in run.log and runner.issued == []

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from broker.client.credentials import Credential
 
@@ -35,10 +35,16 @@ CREDENTIAL_FILE_ENV = "BROKER_CREDENTIAL_FILE"
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover (runs in the forked child)
-    """In the child before exec: the kernel sends SIGKILL when the agent's thread ends."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with(parent: int) -> Callable[[], None]:
+    def before_exec() -> None:  # pragma: no cover (runs in the forked child)
+        """The kernel sends SIGKILL when the agent's thread ends; and if the agent already
+        died between the fork and here, the child goes at once."""
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(137)
+
+    return before_exec
 
 
 def exit_code(returncode: int) -> int:
@@ -81,7 +87,7 @@ class Child:
         env = {**os.environ, **credential.env(), CREDENTIAL_FILE_ENV: self.credential_file}
         # NOTE: prctl's parent-death signal is Linux's; elsewhere only the agent's own stop path
         # (forwarded signals, the finally in cli.agent) ends the child.
-        preexec = _die_with_parent if sys.platform == "linux" else None
+        preexec = _die_with(os.getpid()) if sys.platform == "linux" else None
         try:
             self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=preexec)  # noqa: PLW1509, S603
         except OSError as exc:
