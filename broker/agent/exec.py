@@ -86,7 +86,7 @@ class Child:
     def _start(self, credential: Credential) -> None:
         env = {**os.environ, **credential.env(), CREDENTIAL_FILE_ENV: self.credential_file}
         # NOTE: prctl's parent-death signal is Linux's; elsewhere only the agent's own stop path
-        # (forwarded signals, the finally in cli.agent) ends the child.
+        # (forwarded signals, Child.finish on every way out of cli.agent) ends the child.
         preexec = _die_with(os.getpid()) if sys.platform == "linux" else None
         try:
             self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=preexec)  # noqa: PLW1509, S603
