@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,6 +87,8 @@ class Runner:
     audiences: list[str] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)
     refused: int = 0
+    mint: Callable[[str], str] | None = None
+    """Makes the token for an audience; default: GitHub's shape, signed with ``github_key``."""
 
 
 @pytest.fixture
@@ -121,7 +123,11 @@ def runner(github_key: rsa.RSAPrivateKey) -> Iterator[Runner]:
                 "nbf": now,
                 "exp": now + 300,
             }
-            token = jwt.encode(claims, github_key, algorithm="RS256", headers={"kid": "gh-1"})
+            token = (
+                state.mint(audience)
+                if state.mint
+                else jwt.encode(claims, github_key, algorithm="RS256", headers={"kid": "gh-1"})
+            )
             state.issued.append(token)
             body = json.dumps({"count": 1, "value": token}).encode()
             self.send_response(200)
