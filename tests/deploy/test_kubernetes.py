@@ -187,7 +187,11 @@ def test_the_broker_reads_its_shared_settings_from_secrets_and_the_config_map() 
     assert Path(env["BROKER_POLICY"]["value"]).name in config_map["data"]
     assert env["BROKER_ISSUER_URL"]["value"].startswith("https://")
     # The root filesystem is read-only: the data dir and /tmp are emptyDirs.
-    assert "emptyDir" in volume_of(env["BROKER_DATA_DIR"]["value"] + "/x")
+    data_dir = env["BROKER_DATA_DIR"]["value"]
+    assert "emptyDir" in volume_of(data_dir)
+    # Below the mount, not the mount itself: the broker makes its data dir 0700, which only its
+    # owner can, and an emptyDir's root is the kubelet's (0777).
+    assert data_dir.rstrip("/") not in {m.rstrip("/") for m in mounts}
     assert "emptyDir" in volume_of("/tmp/x")
 
 
