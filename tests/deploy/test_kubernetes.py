@@ -231,6 +231,9 @@ def test_the_training_job_agent_fits_its_volumes() -> None:
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == agent_flags(sidecar)["--sink"]
     assert agent_flags(sidecar)["--format"] == "aws-credentials"
     assert "broker-token" not in trainer_mounts  # the trainer never holds the identity token
+    # The sink is 0600: the trainer can read it only as the agent's user.
+    users = {c.get("securityContext", {}).get("runAsUser") for c in containers(spec)}
+    assert users == {None} and spec["securityContext"]["runAsUser"] > 0
 
 
 @pytest.fixture
