@@ -10,20 +10,28 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.api.app import create_app
 from broker.runtime import Broker
 from tests.backends.vault.conftest import VaultSetup
 from tests.backends.vault.test_vault_exchange import make_broker
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, LiveServer, free_port
-from tests.servers import Postgres
-from tests.test_action import (  # noqa: F401 (fixtures)
+from tests.github_runner import (
     Runner,
     assert_masked_first,
-    github_key,
     run_action,
-    runner,
+    serve_runner,
 )
+from tests.servers import Postgres
+
+
+@pytest.fixture
+def runner() -> Iterator[Runner]:
+    """The runner's endpoint; the test makes it hand out dev-issuer tokens."""
+    with serve_runner(rsa.generate_private_key(public_exponent=65537, key_size=2048)) as state:
+        yield state
+
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +51,7 @@ def vault_broker(
 
 def test_a_database_login_is_masked_and_exported(
     vault_broker: tuple[LiveServer, Broker],
-    runner: Runner,  # noqa: F811 (the imported fixture)
+    runner: Runner,
     database: Postgres,
     tmp_path: Path,
 ) -> None:
