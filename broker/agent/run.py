@@ -8,6 +8,9 @@
   backoff; once approved it exchanges with it; denied (or cancelled, expired) ends the agent.
 - ``exit_after_auth`` (an init container): return after the first credential is written; a
   refusal ends the agent at once instead of being retried.
+- ``refusal_ends_before_first`` (``--exec``): a refusal before the first credential ends the
+  agent at once too (the job's command cannot start without one); once there is one, failed
+  refreshes are retried as usual.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Agent:
         sink: Sink,
         *,
         exit_after_auth: bool = False,
+        refusal_ends_before_first: bool = False,
         stop: threading.Event | None = None,
         on_credential: Callable[[Credential], None] | None = None,
         backoff_first: float = BACKOFF_FIRST_S,
@@ -43,6 +47,8 @@ class Agent:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.provider, self.sink, self.exit_after_auth = provider, sink, exit_after_auth
+        self.refusal_ends_before_first = refusal_ends_before_first
+        self.written = False
         self.stop = stop or threading.Event()
         self.on_credential = on_credential
         self.backoff_first, self.backoff_max, self.rand = backoff_first, backoff_max, rand
@@ -72,7 +78,8 @@ class Agent:
                     approval_id = str(exc.fields["approval_id"])
                     continue
                 refused = exc.status is not None and exc.status < 500
-                if refused and self.exit_after_auth:
+                first = self.refusal_ends_before_first and not self.written
+                if refused and (self.exit_after_auth or first):
                     log.error("the broker refused: %s: %s", exc.code, exc.description)
                     return EXIT_REFUSED
                 self._failed(f"{exc.code}: {exc.description}", failures)
@@ -88,7 +95,7 @@ class Agent:
             except SinkError as exc:
                 log.error("%s", exc)
                 return EXIT_CONFIG
-            self.current = credential
+            self.current, self.written = credential, True
             log.info(
                 "wrote %r to %s (%s); next refresh in %.0f s",
                 credential,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from broker.client.http import BrokerClient, ClientError, url_problem
+from broker.durations import parse_duration
 from broker.errors import BrokerError, ConfigError
 
 EXIT_OK, EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_APPROVAL = 0, 1, 2, 3, 4
@@ -229,8 +230,6 @@ def _ttl(text: str) -> int:
 
 
 def _duration(text: str, flag: str) -> int:
-    from broker.policy.model import parse_duration
-
     try:
         return parse_duration(text if not text.isdigit() else int(text))
     except ValueError as exc:

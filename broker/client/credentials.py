@@ -129,7 +129,9 @@ class AwsCredentials(Credential):
     session_token: str = field(default="")
 
     def secrets(self) -> list[str]:
-        return [self.secret_access_key, self.session_token]
+        # The key id too, as aws-actions/configure-aws-credentials masks it: it names the
+        # session in every log line that quotes it.
+        return [self.access_key_id, self.secret_access_key, self.session_token]
 
     def env(self) -> dict[str, str]:
         return {

@@ -7,11 +7,12 @@ names) are checked by :mod:`broker.policy.loader`, which can name the exact plac
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from broker.durations import parse_duration
 
 Tier = Literal["low", "elevated", "privileged"]
 IssuerKind = Literal["workload", "people"]
@@ -28,25 +29,6 @@ KNOWN_PROFILE_ISSUERS: dict[str, ProfileName] = {
     "https://token.actions.githubusercontent.com": "github",
     "https://gitlab.com": "gitlab",
 }
-
-_DURATION = re.compile(r"^(\d+)([smhd])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(value: object) -> int:
-    """``"15m"`` → 900. Accepts a positive int of seconds or ``<n>s|m|h|d``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 15m, 1h or 30s")
-    if isinstance(value, int):
-        seconds = value
-    elif isinstance(value, str) and (m := _DURATION.match(value.strip())):
-        seconds = int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    else:
-        raise ValueError(f"expected a duration such as 15m, 1h or 30s, got {value!r}")
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
-    return seconds
-
 
 Duration = Annotated[int, BeforeValidator(parse_duration)]
 

@@ -379,12 +379,30 @@ def test_policy_explain_exits_4_when_the_decision_needs_approval(
     assert code == 4 and json.loads(out)["outcome"] == "approval_required"
 
 
-@pytest.mark.parametrize("module", ["broker.cli.main", "broker.client", "broker.cli.agent"])
-def test_the_cli_and_the_client_load_nothing_of_the_server(module: str) -> None:
+AGENT_WITH_TTL = (
+    "from broker.cli.main import build_parser; from broker.cli.agent import provider_of; "
+    "args = build_parser().parse_args(['agent', '--model', 'm', '--action', 'a', '--ttl', '1h', "
+    "'--token-env', 'T', '--url', 'http://127.0.0.1:9', '--exec', '--', 'true']); "
+    "assert provider_of(args).requested_ttl == 3600"
+)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import broker.cli.main",
+        "import broker.client",
+        "import broker.cli.agent",
+        "import broker.client.github_action",
+        AGENT_WITH_TTL,
+    ],
+)
+def test_the_cli_and_the_client_load_nothing_of_the_server(code: str) -> None:
     """Every command imports broker.cli.main and broker.client, training code imports
-    broker.client, and a sidecar runs broker.cli.agent: they stay lean."""
+    broker.client, and a sidecar runs broker.cli.agent (--ttl and --exec included): they
+    stay lean."""
     probe = (
-        f"import sys, {module}; "
+        f"import sys; {code}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'fastapi', 'starlette', 'sqlalchemy', 'hvac', 'boto3', 'botocore', 'uvicorn', "
         "'pydantic', 'pydantic_settings', 'yaml'}))"
