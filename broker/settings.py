@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from broker.errors import ConfigError
+from broker.logs import LogFormat
 from broker.store.db import sqlite_url
 
 EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "examples" / "policy.yaml"
@@ -86,6 +87,11 @@ class Settings(BaseSettings):
     """...with a COMPLIANCE Object Lock retention of this many days (else the bucket's default)."""
     audit_publish_url: str | None = None
     """An http(s) URL to POST every signed checkpoint to."""
+    log_format: LogFormat = "text"
+    """``json``: one JSON object per log line (docs/observability.md)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
+    """One log line per HTTP request (no query string, body or header)."""
 
     @classmethod
     def settings_customise_sources(
