@@ -1,0 +1,114 @@
+"""The Grafana dashboard asks only for metrics the broker exports: every name in every ``expr``
+is compared with a real scrape of a broker with every part of the metrics enabled."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from broker.api.app import create_app
+from broker.runtime import build_broker
+from broker.settings import EXAMPLE_POLICY, Settings
+from tests.conftest import eval_token, exchange_form
+from tests.scrape import parse
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "broker.json"
+PROMQL_WORDS = {
+    # functions, aggregations and keywords the dashboard may use
+    *("sum", "max", "min", "avg", "count", "rate", "irate", "increase", "deriv"),
+    *("histogram_quantile", "by", "without", "on", "ignoring", "group_left", "group_right"),
+    *("and", "or", "unless", "bool", "offset"),
+}
+STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+MATCHERS = re.compile(r"\{[^}]*\}")
+RANGE = re.compile(r"\[[^\]]*\]")
+GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def names_in(expr: str) -> set[str]:
+    """The metric names (and PromQL words) of ``expr``: label matchers, ranges, strings and
+    grouping label lists taken out first."""
+    for pattern in (STRING, MATCHERS, RANGE, GROUPING):
+        expr = pattern.sub(" ", expr)
+    return set(IDENTIFIER.findall(expr))
+
+
+def exprs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["expr"]] if isinstance(node.get("expr"), str) else []
+        return found + [e for value in node.values() for e in exprs(value)]
+    if isinstance(node, list):
+        return [e for value in node for e in exprs(value)]
+    return []
+
+
+def test_names_in_reads_a_promql_expression() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (le, backend) (rate(broker_x_bucket{a="b}"}[5m])))'
+        " / on (issuer) broker_y"
+    )
+    assert names_in(expr) == {"histogram_quantile", "sum", "rate", "broker_x_bucket", "broker_y"}
+
+
+@pytest.fixture
+def exported(data_dir: Path) -> set[str]:
+    """Every sample name of a broker with publication configured, a checkpoint and traffic."""
+    settings = Settings(
+        dev=True,
+        data_dir=data_dir,
+        policy=EXAMPLE_POLICY,
+        audit_publish_url="http://127.0.0.1:9/audit",
+        checkpoint_interval=3600,
+    )
+    broker = build_broker(settings)
+    try:
+        with broker.store.write() as session:
+            broker.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        with TestClient(create_app(broker=broker)) as client:
+            client.post("/v1/token", data=exchange_form(eval_token(broker)))
+            return parse(client.get("/metrics").text).names()
+    finally:
+        broker.close()
+
+
+def test_every_expression_asks_for_exported_metrics_only(exported: set[str]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    found = exprs(dashboard["panels"])
+    assert len(found) >= 20
+    unknown: dict[str, set[str]] = {}
+    for expr in found:
+        names = names_in(expr) - PROMQL_WORDS
+        assert any(name.startswith("broker_") for name in names), expr
+        if missing := names - exported:
+            unknown[expr] = missing
+    assert unknown == {}
+
+
+def test_every_panel_queries_the_chosen_prometheus(exported: set[str]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["schemaVersion"] >= 36
+    [variable] = dashboard["templating"]["list"]
+    assert (variable["name"], variable["type"], variable["query"]) == (
+        "datasource",
+        "datasource",
+        "prometheus",
+    )
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert {p["datasource"]["uid"] for p in panels} == {"${datasource}"}
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    # The families the doc says an operator alerts on are all on the dashboard.
+    shown = {name for expr in exprs(panels) for name in names_in(expr)}
+    families = {
+        name.removesuffix("_total").removesuffix("_bucket").removesuffix("_count")
+        for name in shown
+    }
+    alerting = {n.removesuffix("_total") for n in exported if n.startswith("broker_")}
+    alerting = {n for n in alerting if not n.endswith(("_created", "_sum", "_bucket", "_count"))}
+    assert alerting - families == set()
