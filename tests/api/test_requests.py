@@ -7,7 +7,7 @@ import datetime as dt
 import io
 import json
 import logging
-import uuid
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from broker.settings import EXAMPLE_POLICY, Settings
 from tests.conftest import EVAL_SUB, eval_token, exchange_form
 
 HEADER = "X-Request-ID"
+GENERATED = re.compile("[0-9a-f]{32}")
 
 
 @pytest.fixture
@@ -88,12 +89,12 @@ def test_a_sane_request_id_comes_back_on_every_answer(client: TestClient, broker
 )
 def test_an_insane_request_id_is_replaced(client: TestClient, given: str) -> None:
     got = client.get("/healthz", headers={HEADER: given}).headers[HEADER]
-    assert got != given and uuid.UUID(got)
+    assert got != given and GENERATED.fullmatch(got)
 
 
 def test_without_a_request_id_each_request_gets_a_new_one(client: TestClient) -> None:
     first, second = (client.get("/healthz").headers[HEADER] for _ in range(2))
-    assert uuid.UUID(first) and uuid.UUID(second) and first != second
+    assert GENERATED.fullmatch(first) and GENERATED.fullmatch(second) and first != second
     assert client.get("/healthz", headers={HEADER: "x" * MAX_REQUEST_ID_CHARS}).headers[HEADER] == (
         "x" * MAX_REQUEST_ID_CHARS
     )
