@@ -106,8 +106,7 @@ def test_every_panel_queries_the_chosen_prometheus(exported: set[str]) -> None:
     # The families the doc says an operator alerts on are all on the dashboard.
     shown = {name for expr in exprs(panels) for name in names_in(expr)}
     families = {
-        name.removesuffix("_total").removesuffix("_bucket").removesuffix("_count")
-        for name in shown
+        name.removesuffix("_total").removesuffix("_bucket").removesuffix("_count") for name in shown
     }
     alerting = {n.removesuffix("_total") for n in exported if n.startswith("broker_")}
     alerting = {n for n in alerting if not n.endswith(("_created", "_sum", "_bucket", "_count"))}
