@@ -21,6 +21,7 @@ SANE_REQUEST_ID = re.compile(rf"[A-Za-z0-9._~:/+=@-]{{1,{MAX_REQUEST_ID_CHARS}}}
 """An incoming id is kept only if it looks like one (a UUID, a trace id, base64): bounded and
 with no space, quote or control character, so it cannot forge or break a log line."""
 MAX_LOGGED_PATH_CHARS = 200
+NO_STORE = {"Cache-Control": "no-store"}
 
 log = logging.getLogger("broker.api")
 access = logging.getLogger("broker.access")
@@ -83,7 +84,7 @@ class RequestContext:
             log.exception("%s %s failed unexpectedly", scope["method"], self._path(scope))
             if status == 0:
                 body = {"error": "server_error", "error_description": "the broker failed"}
-                await JSONResponse(body, 500)(scope, receive, send_with_id)
+                await JSONResponse(body, 500, NO_STORE)(scope, receive, send_with_id)
         finally:
             if self.access_log:
                 self._log(scope, status, time.perf_counter() - started)
