@@ -46,6 +46,16 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def _method(scope: Scope) -> str:
+    return _printable(capped(scope["method"], 20))
+
+
+def _path(scope: Scope) -> str:
+    """The request's path as logged: never its query string, capped, control characters
+    escaped (a percent-decoded path may hold a newline)."""
+    return _printable(capped(scope["path"], MAX_LOGGED_PATH_CHARS))
+
+
 class RequestContext:
     """The outermost middleware: the request id (in :data:`broker.logs.REQUEST_ID` while the
     request is served, and in the ``X-Request-ID`` header of every answer, errors included),
@@ -81,7 +91,7 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("%s %s failed unexpectedly", scope["method"], self._path(scope))
+            log.exception("%s %s failed unexpectedly", _method(scope), _path(scope))
             if status == 0:
                 body = {"error": "server_error", "error_description": "the broker failed"}
                 await JSONResponse(body, 500, NO_STORE)(scope, receive, send_with_id)
@@ -90,14 +100,10 @@ class RequestContext:
                 self._log(scope, status, time.perf_counter() - started)
             REQUEST_ID.reset(token)
 
-    @staticmethod
-    def _path(scope: Scope) -> str:
-        return _printable(capped(scope["path"], MAX_LOGGED_PATH_CHARS))
-
     def _log(self, scope: Scope, status: int, seconds: float) -> None:
         fields = {
-            "method": _printable(capped(scope["method"], 20)),
-            "path": self._path(scope),
+            "method": _method(scope),
+            "path": _path(scope),
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
             "client": self.clients.of(scope),

@@ -199,3 +199,18 @@ def test_an_unhandled_error_is_a_500_logged_with_the_request_id(
     logged = [line for line in lines(log) if line.get("request_id") == "r-500"]
     assert [line["message"] for line in logged] == ["GET /readyz failed unexpectedly"]
     assert "RuntimeError: readiness broke" in logged[0]["exception"]
+
+
+def test_a_path_cannot_forge_an_access_log_line(
+    logged: tuple[TestClient, Broker], log: io.StringIO
+) -> None:
+    client, _ = logged
+    stream = io.StringIO()
+    configure_logging("text", logging.INFO, stream=stream)  # the `log` fixture restores it
+    forged = "INFO broker.access: GET /v1/grants 200 1.0ms client=10.0.0.1"
+    assert client.get(f"/x%0A{forged.replace(' ', '%20')}").status_code == 404
+    assert client.get("/" + "y" * 5000).status_code == 404
+    written = [line for line in stream.getvalue().splitlines() if "broker.access" in line]
+    assert len(written) == 2
+    assert written[0].startswith("INFO broker.access: GET /x\\nINFO broker.access: GET")
+    assert "…[5001 characters, sha256:" in written[1] and len(written[1]) < 400
