@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+
+from broker.api.app import create_app
+from broker.runtime import build_broker
+from broker.settings import EXAMPLE_POLICY, Settings
+from tests.conftest import eval_token, exchange_form
 
 SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -45,3 +53,24 @@ def parse(text: str) -> Scrape:
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return Scrape(samples, types)
+
+
+def scrape_everything(data_dir: Path) -> Scrape:
+    """A scrape of a broker with every part of the metrics on: checkpoint publication
+    configured, a signed checkpoint and an exchange."""
+    settings = Settings(
+        dev=True,
+        data_dir=data_dir,
+        policy=EXAMPLE_POLICY,
+        audit_publish_url="http://127.0.0.1:9/audit",
+        checkpoint_interval=3600,
+    )
+    broker = build_broker(settings)
+    try:
+        with broker.store.write() as session:
+            broker.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
+        with TestClient(create_app(broker=broker)) as client:
+            client.post("/v1/token", data=exchange_form(eval_token(broker)))
+            return parse(client.get("/metrics").text)
+    finally:
+        broker.close()

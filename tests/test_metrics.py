@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from broker.metrics import _StoreMetrics
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from tests.conftest import eval_token, exchange_form, person_token
-from tests.scrape import Scrape, parse
+from tests.scrape import Scrape, parse, scrape_everything
 
 TRAINER = "system:serviceaccount:training:trainer"
 K8S = {"kubernetes.io": {"namespace": "training"}}
@@ -243,3 +244,12 @@ def test_publication_lag_is_exported_per_target(data_dir: Path) -> None:
     assert lag is not None and lag >= 0
     assert m.value("broker_audit_publish_pending", target="webhook") is not None
     assert m.value("broker_audit_checkpoint_age_seconds") is not None
+
+
+def test_the_doc_lists_every_metric_with_its_type(data_dir: Path) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
+    rows = re.findall(r"^\| `(broker_[a-z_]+)` \| (counter|gauge|histogram)", doc, re.MULTILINE)
+    documented = {name.removesuffix("_total"): kind for name, kind in rows}
+    # prometheus_client writes each counter's and histogram's `_created` as a gauge of its own
+    types = scrape_everything(data_dir).types
+    assert documented == {name: t for name, t in types.items() if not name.endswith("_created")}

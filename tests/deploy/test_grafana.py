@@ -3,20 +3,14 @@ is compared with a real scrape of a broker with every part of the metrics enable
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from broker.api.app import create_app
-from broker.runtime import build_broker
-from broker.settings import EXAMPLE_POLICY, Settings
-from tests.conftest import eval_token, exchange_form
-from tests.scrape import parse
+from tests.scrape import scrape_everything
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "broker.json"
 PROMQL_WORDS = {
@@ -59,23 +53,8 @@ def test_names_in_reads_a_promql_expression() -> None:
 
 @pytest.fixture
 def exported(data_dir: Path) -> set[str]:
-    """Every sample name of a broker with publication configured, a checkpoint and traffic."""
-    settings = Settings(
-        dev=True,
-        data_dir=data_dir,
-        policy=EXAMPLE_POLICY,
-        audit_publish_url="http://127.0.0.1:9/audit",
-        checkpoint_interval=3600,
-    )
-    broker = build_broker(settings)
-    try:
-        with broker.store.write() as session:
-            broker.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
-        with TestClient(create_app(broker=broker)) as client:
-            client.post("/v1/token", data=exchange_form(eval_token(broker)))
-            return parse(client.get("/metrics").text).names()
-    finally:
-        broker.close()
+    """Every sample name of a broker with every part of the metrics on."""
+    return scrape_everything(data_dir).names()
 
 
 def test_every_expression_asks_for_exported_metrics_only(exported: set[str]) -> None:
