@@ -251,5 +251,8 @@ def test_the_doc_lists_every_metric_with_its_type(data_dir: Path) -> None:
     rows = re.findall(r"^\| `(broker_[a-z_]+)` \| (counter|gauge|histogram)", doc, re.MULTILINE)
     documented = {name.removesuffix("_total"): kind for name, kind in rows}
     # prometheus_client writes each counter's and histogram's `_created` as a gauge of its own
-    types = scrape_everything(data_dir).types
+    scraped = scrape_everything(data_dir)
+    types = scraped.types
     assert documented == {name: t for name, t in types.items() if not name.endswith("_created")}
+    # and every name the doc's alert suggestions use is one the broker exports
+    assert set(re.findall(r"broker_[a-z_]+", doc)) - scraped.names() - set(types) == set()

@@ -4,34 +4,15 @@ is compared with a real scrape of a broker with every part of the metrics enable
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.deploy.promql import PROMQL_WORDS, names_in
 from tests.scrape import scrape_everything
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "broker.json"
-PROMQL_WORDS = {
-    # functions, aggregations and keywords the dashboard may use
-    *("sum", "max", "min", "avg", "count", "rate", "irate", "increase", "deriv"),
-    *("histogram_quantile", "by", "without", "on", "ignoring", "group_left", "group_right"),
-    *("and", "or", "unless", "bool", "offset"),
-}
-STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-MATCHERS = re.compile(r"\{[^}]*\}")
-RANGE = re.compile(r"\[[^\]]*\]")
-GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-
-
-def names_in(expr: str) -> set[str]:
-    """The metric names (and PromQL words) of ``expr``: label matchers, ranges, strings and
-    grouping label lists taken out first."""
-    for pattern in (STRING, MATCHERS, RANGE, GROUPING):
-        expr = pattern.sub(" ", expr)
-    return set(IDENTIFIER.findall(expr))
 
 
 def exprs(node: Any) -> list[str]:
