@@ -46,7 +46,7 @@ def counting(number: int, repeat: int) -> dict[str, float]:
     registry = CollectorRegistry()
     old_counter = Counter("old_exchanges", "x", ["outcome"], registry=registry)
     old_latency = Histogram("old_seconds", "x", buckets=EXCHANGE_BUCKETS, registry=registry)
-    metrics = Metrics(MODELS, ACTIONS)
+    metrics = Metrics(MODELS, ACTIONS, "sha256:bench")
 
     def before() -> None:
         old_counter.labels("issued").inc()

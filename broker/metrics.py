@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -42,12 +42,18 @@ BACKEND_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 class Metrics:
     """The broker's metrics. ``models`` and ``actions`` are the policy's: the only values their
-    labels take besides :data:`OTHER`."""
+    labels take besides :data:`OTHER`; ``policy_digest`` is the loaded policy's."""
 
-    def __init__(self, models: Iterable[str], actions: Iterable[str]) -> None:
+    def __init__(self, models: Iterable[str], actions: Iterable[str], policy_digest: str) -> None:
         self.registry = CollectorRegistry()
         self._models = frozenset(models)
         self._actions = frozenset(actions)
+        Gauge(
+            "broker_policy_info",
+            "1, labelled with the digest of the policy this process loaded (replicas must agree)",
+            ["digest"],
+            registry=self.registry,
+        ).labels(policy_digest).set(1)
         self.exchanges = Counter(
             "broker_exchanges",
             "Token exchanges by model, action, backend and outcome (issued, or the error code)",
@@ -187,7 +193,8 @@ class _StoreFigures:
     oldest_revocation: dt.datetime | None
     approvals_pending: int
     log_size: int
-    checkpoint_at: dt.datetime | None
+    checkpoint: tuple[int, dt.datetime] | None
+    """The newest signed checkpoint's tree size and signing time."""
     publications: dict[str, tuple[int, dt.datetime | None]] = field(default_factory=dict)
     """Per target: checkpoints waiting and when the oldest of them was signed."""
 
@@ -201,9 +208,11 @@ def _read_figures(session: Session) -> _StoreFigures:
     approvals = session.execute(
         select(func.count()).select_from(ApprovalRow).where(ApprovalRow.status == "pending")
     ).scalar_one()
-    checkpoint_at = session.execute(
-        select(CheckpointRow.signed_at).order_by(CheckpointRow.size.desc()).limit(1)
-    ).scalar()
+    checkpoint = session.execute(
+        select(CheckpointRow.size, CheckpointRow.signed_at)
+        .order_by(CheckpointRow.size.desc())
+        .limit(1)
+    ).first()
     publications = session.execute(
         select(PublicationRow.target, func.count(), func.min(PublicationRow.created_at))
         .where(PublicationRow.status == "pending")
@@ -215,7 +224,7 @@ def _read_figures(session: Session) -> _StoreFigures:
         oldest_revocation=oldest,
         approvals_pending=int(approvals),
         log_size=AuditLog.size(session),
-        checkpoint_at=checkpoint_at,
+        checkpoint=(int(checkpoint[0]), checkpoint[1]) if checkpoint is not None else None,
         publications={target: (int(count), at) for target, count, at in publications},
     )
 
@@ -293,11 +302,17 @@ class _StoreMetrics(Collector):
         yield GaugeMetricFamily(
             "broker_audit_log_size", "Events in the audit log", value=figures.log_size
         )
-        if figures.checkpoint_at is not None:
+        if figures.checkpoint is not None:
+            size, signed_at = figures.checkpoint
             yield GaugeMetricFamily(
                 "broker_audit_checkpoint_age_seconds",
                 "Time since the newest signed checkpoint was signed",
-                value=age(figures.checkpoint_at),
+                value=age(signed_at),
+            )
+            yield GaugeMetricFamily(
+                "broker_audit_checkpoint_size",
+                "Tree size of the newest signed checkpoint (events it covers)",
+                value=size,
             )
         if self._targets:
             lag = GaugeMetricFamily(

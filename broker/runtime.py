@@ -258,7 +258,7 @@ def build_broker(settings: Settings) -> Broker:
     dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
     jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
     verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
-    metrics = Metrics(policy.policy.models, policy.policy.actions)
+    metrics = Metrics(policy.policy.models, policy.policy.actions, policy.digest)
     metrics.watch_keys(jwks, policy.policy.issuers)
     enabled: dict[str, Backend] = {"jwt": JwtBackend(keys, str(settings.issuer_url))}
     if settings.vault_addr:

@@ -93,6 +93,8 @@ def test_traffic_is_counted_per_model_action_backend_and_outcome(
     assert m.value("broker_revocations_pending") == 0
     assert m.value("broker_revocation_oldest_pending_seconds") == 0
     assert m.value("broker_store_scrape_error") == 0
+    assert m.value("broker_policy_info", digest=broker.policy.digest) == 1
+    assert len(m.series("broker_policy_info")) == 1
     with broker.store.read() as session:
         assert m.value("broker_audit_log_size") == AuditLog.size(session)
 

@@ -39,7 +39,7 @@ def test_promtool_accepts_the_rules() -> None:
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 13 rules found" in done.stdout
+    assert "SUCCESS: 14 rules found" in done.stdout
 
 
 @pytest.fixture
@@ -122,5 +122,5 @@ def test_prometheus_scrapes_the_broker_and_every_expression_evaluates(
         return found if found and all(r["health"] != "unknown" for r in found) else None
 
     evaluated = poll(rules_evaluated, "every rule evaluated once")
-    assert len(evaluated) == 13
+    assert len(evaluated) == 14
     assert {r["name"]: r["health"] for r in evaluated if r["health"] != "ok"} == {}
