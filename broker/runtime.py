@@ -6,23 +6,16 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from broker.approvals.rollback_tests import RollbackTests
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
-from broker.audit.anchor import AnchorError
-from broker.audit.integrity import ANCHOR, STATE
 from broker.audit.log import AuditIntegrityError, AuditLog
-from broker.audit.publish import PUBLISHED, Publisher, Target, targets_from_settings
+from broker.audit.publish import Publisher, Target, targets_from_settings
 from broker.audit.state import StateWatch
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
@@ -33,6 +26,7 @@ from broker.grants.refusals import RefusalBudget
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
+from broker.metrics import Metrics
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import Settings
 from broker.store.db import Store
@@ -44,81 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker")
 STUCK_ISSUING_S = 60
 """An ``issuing`` grant older than this is left over from a crash, not still committing."""
-
-
-class Metrics:
-    """Prometheus metrics in a registry of this broker's own (no process globals)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.exchanges = Counter(
-            "broker_exchanges",
-            "Token exchanges by outcome (issued, or the error code)",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "broker_exchange_seconds",
-            "Time to answer POST /v1/token",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=self.registry,
-        )
-
-    def watch_audit(self, audit: AuditLog, publisher: Publisher | None) -> None:
-        """Export the audit log's integrity verdicts and publication backlog."""
-        self.registry.register(_AuditMetrics(audit, publisher))
-
-
-class _AuditMetrics(Collector):
-    """Read at each scrape from the cached verdicts and the publisher's last round."""
-
-    def __init__(self, audit: AuditLog, publisher: Publisher | None) -> None:
-        self._audit = audit
-        self._publisher = publisher
-
-    def collect(self) -> Iterator[Metric]:
-        problems = self._audit.integrity.problems()
-        for name, check, text in (
-            (
-                "anchor_mismatch",
-                ANCHOR,
-                "the store disagrees with the anchor or a signed checkpoint",
-            ),
-            (
-                "state_mismatch",
-                STATE,
-                "the grants, approvals or revocation tables disagree with the log",
-            ),
-            ("publication_conflict", PUBLISHED, "a published checkpoint of the same size differs"),
-        ):
-            yield GaugeMetricFamily(
-                f"broker_audit_{name}", f"1 while {text}", value=check in problems
-            )
-        anchor = self._audit.anchor
-        try:
-            anchored = anchor.load() if anchor is not None else None
-        except AnchorError:
-            anchored = None
-        yield GaugeMetricFamily(
-            "broker_audit_anchor_size",
-            "Tree size of the anchored checkpoint (0: none)",
-            value=anchored.size if anchored else 0,
-        )
-        if self._publisher is None:
-            return
-        pending = GaugeMetricFamily(
-            "broker_audit_publish_pending",
-            "Signed checkpoints not yet published",
-            labels=["target"],
-        )
-        failures = CounterMetricFamily(
-            "broker_audit_publish_failures", "Failed publication attempts", labels=["target"]
-        )
-        for target, backlog in self._publisher.backlog.items():
-            pending.add_metric([target], backlog.pending)
-            failures.add_metric([target], self._publisher.failures[target])
-        yield pending
-        yield failures
 
 
 @dataclass
@@ -339,6 +258,8 @@ def build_broker(settings: Settings) -> Broker:
     dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
     jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
     verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
+    metrics = Metrics(policy.policy.models, policy.policy.actions, policy.digest)
+    metrics.watch_keys(jwks, policy.policy.issuers)
     enabled: dict[str, Backend] = {"jwt": JwtBackend(keys, str(settings.issuer_url))}
     if settings.vault_addr:
         enabled["vault"] = vault_backend(settings, policy)
@@ -348,7 +269,7 @@ def build_broker(settings: Settings) -> Broker:
         from broker.backends.aws import AwsBackend  # noqa: PLC0415
 
         enabled["aws"] = AwsBackend(policy)
-    backends = BackendRegistry(enabled)
+    backends = BackendRegistry(enabled, observe=metrics.backend_call)
     webhook, secret = policy.policy.approval.webhook, policy.webhook_secret
     notifier = WebhookNotifier(webhook, secret) if webhook and secret else None
     rollback_tests = RollbackTests(policy=policy, store=store, audit=audit, clock=utcnow)
@@ -373,8 +294,8 @@ def build_broker(settings: Settings) -> Broker:
     )
     publisher = _publisher(targets, store, audit)
     state = StateWatch(store, audit.integrity)
-    metrics = Metrics()
     metrics.watch_audit(audit, publisher)
+    metrics.watch_store(store, [target.name for target in targets])
     with store.read() as session:
         audit.check(session)  # NOTE: before anything is appended; the verdict is cached
     with store.write() as session:

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -15,8 +15,10 @@ from pydantic_settings import (
 )
 
 from broker.errors import ConfigError
+from broker.logs import LogFormat
 from broker.store.db import sqlite_url
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "examples" / "policy.yaml"
 
 
@@ -86,6 +88,23 @@ class Settings(BaseSettings):
     """...with a COMPLIANCE Object Lock retention of this many days (else the bucket's default)."""
     audit_publish_url: str | None = None
     """An http(s) URL to POST every signed checkpoint to."""
+    log_format: LogFormat = "text"
+    """``json``: one JSON object per log line (docs/observability.md)."""
+    log_level: LogLevel = "INFO"
+    access_log: bool = False
+    """One log line per HTTP request (no query string, body or header)."""
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        """``BROKER_LOG_FORMAT=JSON`` means json."""
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        """``BROKER_LOG_LEVEL=debug`` means DEBUG."""
+        return value.strip().upper() if isinstance(value, str) else value
 
     @classmethod
     def settings_customise_sources(

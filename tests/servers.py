@@ -86,6 +86,7 @@ class Part(StrEnum):
     TMPFS = "tmpfs"
     CHROMIUM = "chromium"
     CURL = "curl"
+    PROMETHEUS = "prometheus"
 
 
 CI_OPTIONAL = "BROKER_CI_OPTIONAL"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from broker.api.app import create_app
 from broker.cli.main import main
@@ -72,3 +73,20 @@ def test_other_settings_still_come_from_the_environment(
 ) -> None:
     monkeypatch.setenv("BROKER_PORT", "9123")
     assert Settings(data_dir=tmp_path).port == 9123
+
+
+def test_log_settings_come_from_the_environment_in_any_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_LOG_FORMAT", "JSON")
+    monkeypatch.setenv("BROKER_LOG_LEVEL", "debug")
+    monkeypatch.setenv("BROKER_ACCESS_LOG", "true")
+    settings = Settings(data_dir=tmp_path)
+    assert (settings.log_format, settings.log_level, settings.access_log) == ("json", "DEBUG", True)
+    assert Settings(data_dir=tmp_path, log_format="text", log_level="info").log_level == "INFO"
+
+
+@pytest.mark.parametrize(("name", "value"), [("log_format", "xml"), ("log_level", "loud")])
+def test_an_unknown_log_setting_is_refused(tmp_path: Path, name: str, value: str) -> None:
+    with pytest.raises(ValidationError, match=name):
+        Settings(data_dir=tmp_path, **{name: value})

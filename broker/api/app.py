@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from broker.api import admin, approvals, audit, dev, public, rollback_tests, token
 from broker.api.bodies import BodyLimit
 from broker.api.clients import ClientAddresses, parse_networks
+from broker.api.requests import RequestContext
 from broker.bounds import capped
 from broker.console.app import PREFIX as CONSOLE
 from broker.console.app import create_console
@@ -94,6 +95,10 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     app.state.clients = ClientAddresses(parse_networks(instance.settings.trusted_proxies))
     app.add_middleware(
         token.TokenEndpoint, broker=instance, pool=exchanges, clients=app.state.clients
+    )
+    # The last added is the outermost: every answer, even one of TokenEndpoint, gets its id.
+    app.add_middleware(
+        RequestContext, clients=app.state.clients, access_log=instance.settings.access_log
     )
     app.include_router(token.router)
     app.include_router(admin.router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from concurrent.futures import Executor
@@ -218,7 +219,9 @@ async def exchange(grants: GrantService, req: ExchangeRequest, pool: Executor) -
     threads contending for the GIL, and anyio's thread hop cost more loop time than the
     executor's; see docs/performance.md."""
     steps = grants.exchange_steps(req)
-    step = await asyncio.get_running_loop().run_in_executor(pool, advance, steps)
+    # The thread's log lines carry the request id too (run_in_executor copies no context).
+    context = contextvars.copy_context()
+    step = await asyncio.get_running_loop().run_in_executor(pool, context.run, advance, steps)
     while not isinstance(step, Finished):
         step = advance(steps, await _committed(grants, step))
     return step.value
@@ -270,27 +273,34 @@ class TokenEndpoint:
             return
         started = time.perf_counter()
         client = self.clients.of(scope)
+        asked = ["", "", ""]  # model, action, requested_token_type, once parsed
         try:
             take_budget(self.broker.refusals, client, PATH)
-            result = await self._exchange(scope, receive, client)
+            result = await self._exchange(scope, receive, client, asked)
         except BrokerError as exc:
             disclose = self.broker.grants.explain_denials
             outcome, response = exc.code, error_response(exc, NO_STORE, disclose=disclose)
+            self.broker.metrics.refused(PATH, exc.reason)
         else:
             outcome, response = "issued", JSONResponse(_answer(result), 200, NO_STORE)
-        self.broker.metrics.exchanges.labels(outcome).inc()
-        self.broker.metrics.latency.observe(time.perf_counter() - started)
+        model, action, token_type = asked
+        observe = self.broker.metrics.exchanged(model, action, token_type, outcome)
+        observe(time.perf_counter() - started)
         await response(scope, receive, send)
 
-    async def _exchange(self, scope: Scope, receive: Receive, client: str) -> ExchangeResult:
-        """Parse and run the exchange, with the token ``client`` took from its budget: kept by
-        a refusal of an attempt that verified nobody (counted for the summary unless an event
-        records it), given back otherwise.
+    async def _exchange(
+        self, scope: Scope, receive: Receive, client: str, asked: list[str]
+    ) -> ExchangeResult:
+        """Parse and run the exchange (what it asks for put in ``asked``, for the metrics),
+        with the token ``client`` took from its budget: kept by a refusal of an
+        attempt that verified nobody (counted for the summary unless an event records it),
+        given back otherwise.
         NOTE: fail closed: an error that escaped the exchange (a bug) is a 503, never a
         credential; what the exchange itself refuses it has recorded."""
         budget = self.broker.refusals
         try:
             req = exchange_fields(await read_form(Request(scope, receive)))
+            asked[:] = req.model, req.action, req.token_type
             result = await exchange(self.broker.grants, req, self.pool)
         except BrokerError as exc:
             settle_budget(budget, client, PATH, exc)
@@ -368,10 +378,14 @@ def introspect_token(
     """Whether a broker JWT's grant is active. The caller authenticates with its own bearer
     token; a caller whose bearer verifies nobody is charged to its address's budget."""
     client = request.app.state.clients.of(request.scope)
-    take_budget(broker.refusals, client, INTROSPECT_PATH)
     try:
+        take_budget(broker.refusals, client, INTROSPECT_PATH)
         authenticate_any(request, broker)
+    except RateLimited as exc:
+        broker.metrics.refused(INTROSPECT_PATH, exc.reason)
+        raise
     except Unauthenticated as exc:
+        broker.metrics.refused(INTROSPECT_PATH, exc.reason)
         settle_budget(broker.refusals, client, INTROSPECT_PATH, exc)
         raise
     broker.refusals.refund(client)

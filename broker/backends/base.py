@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -115,9 +116,41 @@ class CachedProbe:
             return self._outcome
 
 
+class CallObserver(Protocol):
+    """Told about every backend call (the metrics' per-backend latency and errors)."""
+
+    def __call__(self, backend: str, operation: str, seconds: float, failed: bool) -> None: ...
+
+
+@dataclass(slots=True)
+class Call:
+    """One timed backend call; the caller sets ``failed`` when it returned a failure (a
+    revocation the backend did not confirm); one that raised is failed anyway."""
+
+    failed: bool = False
+
+
 class BackendRegistry:
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
+    def __init__(
+        self, backends: Mapping[str, Backend], *, observe: CallObserver | None = None
+    ) -> None:
         self._backends = dict(backends)
+        self._observe = observe
+
+    @contextmanager
+    def timed(self, backend: str, operation: str) -> Iterator[Call]:
+        """Time the call to ``backend`` made in the block (``operation``: ``issue`` or
+        ``revoke``) for the observer given at construction, if any."""
+        call = Call()
+        started = time.perf_counter()
+        try:
+            yield call
+        except BaseException:
+            call.failed = True
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(backend, operation, time.perf_counter() - started, call.failed)
 
     def names(self) -> list[str]:
         return sorted(self._backends)

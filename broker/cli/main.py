@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
@@ -188,6 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from broker.api.app import create_app
+    from broker.logs import configure_logging
     from broker.settings import Settings
 
     overrides = {
@@ -203,10 +203,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.dev:
         overrides["dev"] = True
     settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
     resolved = app.state.broker.settings
-    uvicorn.run(app, host=resolved.host, port=resolved.port, log_level="warning", access_log=False)
+    # NOTE: uvicorn's own access log prints query strings (a token may be in one): it stays
+    # off; BROKER_ACCESS_LOG turns on the broker's (docs/observability.md). log_config=None:
+    # uvicorn's lines go through the handler above, in the same format.
+    uvicorn.run(
+        app,
+        host=resolved.host,
+        port=resolved.port,
+        log_level="warning",
+        access_log=False,
+        log_config=None,
+    )
     return EXIT_OK
 
 

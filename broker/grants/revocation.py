@@ -94,10 +94,12 @@ class Revocations:
         details: dict[str, Any] | None = None
         try:
             backend = self.backends().get(backend_name)
-            if isinstance(backend, ExplainedRevocation):
-                confirmed, details = backend.revoke_explained(grant, ref)
-            else:
-                confirmed = backend.revoke(grant, ref)
+            with self.backends().timed(backend_name, "revoke") as call:
+                if isinstance(backend, ExplainedRevocation):
+                    confirmed, details = backend.revoke_explained(grant, ref)
+                else:
+                    confirmed = backend.revoke(grant, ref)
+                call.failed = not confirmed
         except BrokerError as exc:
             confirmed, error = False, exc
         except Exception as exc:
@@ -190,7 +192,9 @@ class Revocations:
                 status = self._status(grant_id)
                 if status == GrantStatus.ACTIVE:
                     continue
-                confirmed = backend.revoke_ref(grant_id, ref)
+                with self.backends().timed(backend.name, "revoke") as call:
+                    confirmed = backend.revoke_ref(grant_id, ref)
+                    call.failed = not confirmed
                 item = {
                     "grant_id": grant_id,
                     "backend": backend.name,

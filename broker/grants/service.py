@@ -354,7 +354,8 @@ class GrantService:
         if backend.external:
             approved = commit if approval_id is not None else None
             return self._issue_external(grant, identity, backend, attempt, event, approved)
-        credential = backend.issue(grant)
+        with self.backends.timed(backend.name, "issue"):
+            credential = backend.issue(grant)
         row = _grant_values(grant, identity, credential.credential_ref, GrantStatus.ACTIVE)
         if approval_id is not None:
             with self.store.write() as session:
@@ -386,7 +387,8 @@ class GrantService:
         self._writes.run(_ExchangeWrite(None, _spend(identity), issuing))
         attempt.spent = True
         try:
-            credential = backend.issue(grant)
+            with self.backends.timed(backend.name, "issue"):
+                credential = backend.issue(grant)
         except Exception:
             self._fail(grant.id, enqueue=False)
             raise

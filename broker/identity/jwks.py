@@ -157,6 +157,10 @@ def _select(keys: _KeySet, issuer: IssuerConfig, kid: str | None) -> jwt.PyJWK:
     return key
 
 
+def _ident(issuer: IssuerConfig) -> tuple[str, ...]:
+    return (issuer.name, issuer.issuer, str(issuer.jwks_file), str(issuer.jwks_uri))
+
+
 def _due(state: _IssuerKeys, kid: str | None, now: float, refresh_age: float) -> bool:
     """Whether a fetched key set needs a refresh: none yet, too old, or ``kid`` unknown."""
     keys = state.keys
@@ -247,10 +251,21 @@ class JWKSCache:
             )
         return _select(keys, issuer, kid)
 
+    def age(self, issuer: IssuerConfig) -> float | None:
+        """Seconds since ``issuer``'s keys were last fetched (or its file last found unchanged),
+        for the metrics; None for a dev issuer and for one whose keys no token needed yet or
+        that never fetched a good set. Reads the cache only: it never fetches."""
+        if issuer.dev:
+            return None
+        state = self._states.get(_ident(issuer))
+        if state is None or state.keys is None:
+            return None
+        return max(0.0, self._clock() - state.good_at)
+
     def _state(self, issuer: IssuerConfig) -> _IssuerKeys:
         # Keyed by the key source too, so a reloaded policy that moves an issuer's keys
         # never reads the old source's cache.
-        ident = (issuer.name, issuer.issuer, str(issuer.jwks_file), str(issuer.jwks_uri))
+        ident = _ident(issuer)
         state = self._states.get(ident)
         if state is None:
             with self._states_lock:

@@ -184,15 +184,6 @@ def test_no_credential_when_the_event_cannot_be_recorded(
     assert _grants(broker) == []
 
 
-def test_metrics_count_exchanges_by_outcome(client: TestClient, broker: Broker) -> None:
-    client.post("/v1/token", data=exchange_form(eval_token(broker)))
-    client.post("/v1/token", data=exchange_form(eval_token(broker), scope="nope"))
-    text = client.get("/metrics").text
-    assert 'broker_exchanges_total{outcome="issued"} 1.0' in text
-    assert 'broker_exchanges_total{outcome="invalid_scope"} 1.0' in text
-    assert "broker_exchange_seconds_bucket" in text
-
-
 def test_event_indexes_are_dense_across_outcomes(client: TestClient, broker: Broker) -> None:
     for action in ("evaluate", "nope", "evaluate", "deploy-weights"):
         client.post("/v1/token", data=exchange_form(eval_token(broker), action=action))

@@ -255,3 +255,23 @@ def test_pruning_goes_on_past_a_backend_that_fails(broker: Broker) -> None:
     )
     broker.grants.revocations.prune()
     assert pruned == ["aws", "vault"]
+
+
+def test_every_revocation_attempt_is_timed_with_its_failure(broker: Broker, clock: Clock) -> None:
+    seen: list[tuple[str, str, bool]] = []
+    fake = FakeBackend(outcomes=[BackendUnavailable("vault is down"), False, True])
+    broker.grants.backends = BackendRegistry(
+        {"jwt": broker.grants.backends.get("jwt"), "vault": fake},
+        observe=lambda backend, operation, _s, failed: seen.append((backend, operation, failed)),
+    )
+    grant = revoked_grant(broker, fake, clock)
+    for wait in (0, 5, 10):
+        clock.advance(wait)
+        broker.grants.revocations.process()
+    failed = [failed for _, operation, failed in seen if operation == "revoke"]
+    assert failed == [True, True, False]  # raised, did not confirm, confirmed
+    assert {backend for backend, _, _ in seen} == {"vault"}
+    assert broker.grants.get(grant.id).backend_revocation == "confirmed"
+    fake.live["g_orphan"] = "ref-orphan"  # issued for no grant: the reconciler revokes it
+    broker.grants.revocations.reconcile(min_age_s=0)
+    assert seen[-1] == ("vault", "revoke", False)

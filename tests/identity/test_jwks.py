@@ -404,3 +404,30 @@ def test_dev_issuer_without_static_keys_is_rejected(cache: JWKSCache) -> None:
 def test_invalid_static_keys_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="static keys of issuer 'dev'"):
         JWKSCache(static={"dev": {"keys": []}})
+
+
+def test_age_is_the_time_since_the_last_good_fetch(
+    cache: JWKSCache, remote: IssuerConfig, key_server: KeyServer, clock: Clock
+) -> None:
+    assert cache.age(remote) is None  # no token needed the keys yet: nothing is fetched
+    assert key_server.hits == []
+    cache.key_for(remote, "rsa-1")
+    assert cache.age(remote) == 0
+    clock.advance(200)
+    assert cache.age(remote) == 200  # cached keys used, not refreshed
+    key_server.serve(JWKS_PATH, {"error": "boom"}, status=500)
+    clock.advance(101)
+    cache.key_for(remote, "rsa-1")  # the refresh fails; the last good set is kept
+    assert cache.age(remote) == 301
+    assert key_server.count(JWKS_PATH) == 2
+    assert cache.age(issuer(dev=True)) is None
+
+
+def test_age_is_none_for_an_issuer_that_never_got_good_keys(
+    cache: JWKSCache, key_server: KeyServer
+) -> None:
+    key_server.serve(JWKS_PATH, {"error": "boom"}, status=500)
+    broken = issuer(jwks_uri=key_server.url + JWKS_PATH)
+    with pytest.raises(IdentityRejected):
+        cache.key_for(broken, "rsa-1")
+    assert cache.age(broken) is None
