@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
 from broker.audit.anchor import AnchorError
 from broker.audit.integrity import ANCHOR, STATE
-from broker.audit.log import AuditIntegrityError, AuditLog
+from broker.audit.log import AuditLog
 from broker.audit.publish import PUBLISHED, Publisher, Target, targets_from_settings
 from broker.audit.state import StateWatch
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
@@ -33,17 +31,17 @@ from broker.grants.refusals import RefusalBudget
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
+from broker.maintenance import Maintenance, role_lock
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import Settings
 from broker.store.db import Store
 from broker.store.files import owner_only
+from broker.store.lease import Leases
 
 if TYPE_CHECKING:
     from broker.backends.vault import VaultBackend
 
 log = logging.getLogger("broker")
-STUCK_ISSUING_S = 60
-"""An ``issuing`` grant older than this is left over from a crash, not still committing."""
 
 
 class Metrics:
@@ -137,15 +135,15 @@ class Broker:
     dev_issuer: DevIssuer | None
     refusals: RefusalBudget
     state: StateWatch
+    leases: Leases
     publisher: Publisher | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _last_reconcile: float = 0.0
-    _worker: threading.Thread | None = None
     store_ready: CachedProbe = field(init=False)
     """The store's write probe, cached like the backends' (see :meth:`readiness`)."""
+    maintenance: Maintenance = field(init=False)
 
     def __post_init__(self) -> None:
         self.store_ready = CachedProbe(self.store.probe_write)
+        self.maintenance = Maintenance(self, self.leases)
 
     @property
     def issuer_url(self) -> str:
@@ -170,35 +168,9 @@ class Broker:
         return self.publisher.notices() if self.publisher is not None else {}
 
     def maintain(self) -> None:
-        """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
-        tokens, settle grants stuck
-        ``issuing``, retry due backend revocations, reconcile backend credentials (every
-        ``reconcile_interval``), sign a checkpoint if the log grew (unless the store disagrees
-        with the anchor: that is reported, and the round goes on), publish due checkpoints,
-        hold recent state against the log (:class:`StateWatch`), and truncate SQLite's WAL."""
-        revocations = self.grants.revocations
-        self.grants.expire_due()
-        self.grants.purge_spent_tokens()
-        self.approvals.expire_due()
-        revocations.settle_stuck(older_than_s=STUCK_ISSUING_S)
-        revocations.process()
-        now = time.monotonic()
-        if now - self._last_reconcile >= self.settings.reconcile_interval:
-            self._last_reconcile = now
-            for item in revocations.reconcile(min_age_s=STUCK_ISSUING_S):
-                log.warning("reconciler revoked an orphan credential: %s", item)
-            revocations.prune()
-        self.record_refusals()
-        try:
-            with self.store.write() as session:
-                self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
-        except AuditIntegrityError:
-            pass  # reported (CRITICAL, /readyz, metric); exchanges are refused meanwhile
-        if self.publisher is not None:
-            self.publisher.process()
-        self.state.round()
-        if not self.store.truncate_wal():
-            log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
+        """One round of housekeeping (:meth:`broker.maintenance.Maintenance.round`): the
+        singleton jobs when this process holds the maintenance lease, and its own part."""
+        self.maintenance.round()
 
     def record_refusals(self) -> None:
         """Write the summaries of refusals no event recorded one by one (see
@@ -216,23 +188,11 @@ class Broker:
             raise
 
     def start_maintenance(self) -> None:
-        """Run :meth:`maintain` every ``checkpoint_interval`` seconds in a daemon thread, so a
-        checkpoint is never older than that bound while the log grows."""
-
-        def loop() -> None:
-            while not self._stop.wait(self.settings.checkpoint_interval):
-                try:
-                    self.maintain()
-                except Exception:  # keep the loop alive; the next round retries
-                    log.exception("maintenance round failed")
-
-        self._worker = threading.Thread(target=loop, name="broker-maintenance", daemon=True)
-        self._worker.start()
+        """Run maintenance in a daemon thread (:meth:`broker.maintenance.Maintenance.start`)."""
+        self.maintenance.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._worker is not None:
-            self._worker.join(timeout=10)
+        self.maintenance.close()
         self.grants.close()
         try:
             self.record_refusals()
@@ -334,6 +294,7 @@ def build_broker(settings: Settings) -> Broker:
     )
     store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     store.migrate()
+    leases = Leases(store)
     keys = KeyRing(settings.data_dir / "keys")
     audit = AuditLog.from_data_dir(settings.data_dir, audit_origin(str(settings.issuer_url)))
     dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
@@ -347,7 +308,7 @@ def build_broker(settings: Settings) -> Broker:
         # AWS_REGION honoured); never keys from the policy file. Imported here, like vault's.
         from broker.backends.aws import AwsBackend  # noqa: PLC0415
 
-        enabled["aws"] = AwsBackend(policy)
+        enabled["aws"] = AwsBackend(policy, role_lock=role_lock(leases))
     backends = BackendRegistry(enabled)
     webhook, secret = policy.policy.approval.webhook, policy.webhook_secret
     notifier = WebhookNotifier(webhook, secret) if webhook and secret else None
@@ -405,5 +366,6 @@ def build_broker(settings: Settings) -> Broker:
         dev_issuer=dev_issuer,
         refusals=RefusalBudget(burst=settings.refusal_burst, rate=settings.refusal_rate),
         state=state,
+        leases=leases,
         publisher=publisher,
     )

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     """Seconds between reconciler runs (backend credentials without an active grant)."""
     checkpoint_interval: float = Field(default=60.0, gt=0)
     """Seconds between maintenance rounds: expiry sweep and a new checkpoint if the log grew."""
+    lease_ttl: float = Field(default=30.0, gt=0)
+    """Seconds a broker process holds the maintenance lease without renewing it: the singleton
+    jobs move to another replica or worker within about 4/3 of this after the holder dies."""
     refusal_burst: int = Field(default=100, ge=1)
     """Unverifiable attempts a client address may make at once (docs/security.md)..."""
     refusal_rate: float = Field(default=10.0, gt=0)

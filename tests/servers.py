@@ -30,6 +30,7 @@ import hvac
 import hvac.exceptions
 import pytest
 import requests
+from sqlalchemy import create_engine, text
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -323,6 +324,21 @@ class Postgres:
             f"postgresql+psycopg://{self.admin_user}:{self.admin_password}"
             f"@{self.host}:{self.port}/postgres"
         )
+
+    @contextmanager
+    def database(self) -> Iterator[str]:
+        """A new, empty database on this cluster; yields its SQLAlchemy URL; dropped on exit
+        (connections still open to it are closed by the drop)."""
+        name = f"broker_{secrets.token_hex(4)}"
+        admin = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f"CREATE DATABASE {name}"))
+            yield self.url.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            admin.dispose()
 
     def login_works(self, user: str, password: str) -> bool:
         """Whether ``user`` can log in with ``password`` over TCP (password authentication)."""

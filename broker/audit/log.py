@@ -378,6 +378,26 @@ class AuditLog:
         self.integrity.report(ANCHOR, problem)
         return problem
 
+    def follow(self, session: Session) -> str | None:
+        """For a process that did not sign this round (another replica or worker holds the
+        maintenance lease): :meth:`check` the store and, when it agrees, move the anchor on to
+        the newest stored checkpoint, so that this process's anchor keeps up with checkpoints
+        signed elsewhere. Returns the problem, or None.
+
+        NOTE: the anchor takes only a note that verifies with this log's key, and the check
+        has just proved the store a consistent extension of both the anchor and that
+        checkpoint, so a database writer cannot move an anchor onto a history of its own."""
+        problem = self.check(session)
+        latest = self.latest_checkpoint(session) if problem is None else None
+        if latest is not None and self.anchor is not None:
+            try:
+                self.anchor.advance(latest.note.encode())
+            except (AnchorError, OSError) as exc:
+                log.error(
+                    "the audit anchor was not advanced to checkpoint %d: %s", latest.size, exc
+                )
+        return problem
+
     def sign_checkpoint(self, session: Session, now: dt.datetime) -> SignedCheckpoint:
         """Sign a checkpoint of the whole log, unless the newest one already covers it.
 

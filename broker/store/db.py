@@ -25,7 +25,7 @@ from broker.store.files import create_owner_only, owner_only
 
 log = logging.getLogger("broker.store")
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0009"
 """The newest migration (a test checks it against Alembic's head). A database already at it
 is opened without importing Alembic, which would cost the server ~11 MB for nothing."""
 SqliteSync = Literal["FULL", "NORMAL"]
@@ -34,6 +34,8 @@ BUSY_TIMEOUT_S = 10
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
 """Bytes of ``-wal`` file SQLite keeps after a checkpoint reset it (``journal_size_limit``);
 the default, -1, keeps the file at its largest size ever."""
+MIGRATION_LOCK = 0x62726F6B  # "brok"
+"""The PostgreSQL advisory lock that replicas starting together migrate under, one at a time."""
 CHECKPOINT_BUSY_MS = 250
 """How long a WAL truncation waits for readers to leave the log. Writers of this process wait
 meanwhile, so it is short: a truncation that cannot finish is tried again next round."""
@@ -123,7 +125,12 @@ class Store:
         self._is_sqlite = is_sqlite
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision."""
+        """Bring the schema to the newest Alembic revision.
+
+        NOTE: replicas (or ``--workers``) that start together must not migrate at once. On
+        PostgreSQL the migration waits for an advisory lock held to the end of its transaction;
+        SQLite's write transaction (``BEGIN IMMEDIATE``) already admits one migrator. Either
+        way Alembic reads the revision after the wait, so the later ones find nothing to do."""
         if self.revision() == HEAD_REVISION:
             return
         from alembic import command  # noqa: PLC0415 (see HEAD_REVISION)
@@ -132,6 +139,8 @@ class Store:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            if not self._is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 

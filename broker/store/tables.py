@@ -247,3 +247,15 @@ class PublicationRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_publications_due", "status", "next_attempt_at"),)
+
+
+class LeaseRow(Base):
+    """Who may do ``name`` now (see :mod:`broker.store.lease`): held by ``holder`` until
+    ``expires_at``; ``generation`` counts the times it changed hands."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    generation: Mapped[int] = mapped_column(BigInteger)
