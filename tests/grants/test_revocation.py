@@ -123,9 +123,7 @@ def test_a_job_two_processes_attempt_at_once_is_recorded_once(
     assert broker.grants.revocations.process([grant.id]) == 0
     assert raced == [1]
     assert (job(broker, grant.id).status, job(broker, grant.id).attempts) == ("confirmed", 1)
-    assert [e["type"] for e in outcomes(broker, grant.id)] == [
-        "grant.backend_revocation_confirmed"
-    ]
+    assert [e["type"] for e in outcomes(broker, grant.id)] == ["grant.backend_revocation_confirmed"]
 
 
 def test_an_unreachable_backend_is_retried_with_backoff_until_it_confirms(
