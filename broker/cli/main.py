@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
@@ -184,28 +183,16 @@ def _client(args: argparse.Namespace, *, bearer: bool = False) -> BrokerClient:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from broker.cli.serve import serve
 
-    from broker.api.app import create_app
-    from broker.settings import Settings
-
-    overrides = {
-        k: v
-        for k, v in {
-            "policy": args.policy,
-            "data_dir": args.data_dir,
-            "host": args.host,
-            "port": args.port,
-        }.items()
-        if v is not None
-    }
-    if args.dev:
-        overrides["dev"] = True
-    settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    resolved = app.state.broker.settings
-    uvicorn.run(app, host=resolved.host, port=resolved.port, log_level="warning", access_log=False)
+    serve(
+        policy=args.policy,
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        dev=args.dev,
+        workers=args.workers,
+    )
     return EXIT_OK
 
 
@@ -903,6 +890,16 @@ def _wait_timeout(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {number}")
+    return number
+
+
 def _url_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help=f"broker base URL (default: $BROKER_URL, else {DEFAULT_URL})")
 
@@ -918,6 +915,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument(
         "--dev", action="store_true", help="embedded default with a dev issuer (loopback only)"
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="processes of this broker on this machine, sharing its store (default 1)",
     )
     p.set_defaults(func=cmd_serve)
 
