@@ -14,10 +14,11 @@ exchanges and introspection read), refreshing its view of the publication backlo
 truncating SQLite's WAL.
 
 Takeover: every process wakes every :func:`tick` seconds (a third of the lease's TTL at most)
-and takes or renews the lease. A holder that dies stops renewing; its lease lapses within
-``lease_ttl`` seconds and another process takes it at its next tick, so the singletons move
-within ``lease_ttl + tick`` seconds (40 s with the defaults). A graceful stop releases the lease
-for the next tick to take.
+and takes or renews the lease, in a thread of its own, so a long round does not let it lapse.
+A holder that dies stops renewing; its lease lapses within ``lease_ttl`` seconds and another
+process takes it at its next tick, so the singletons move within ``lease_ttl + tick`` seconds
+(40 s with the defaults), and the new holder runs a round at once. A graceful stop releases the
+lease for the next tick to take.
 
 NOTE: a holder renews before each singleton step and stops the round when that fails, and it
 signs a checkpoint only in a transaction that finds its lease still its own (the lease row stays
@@ -76,55 +77,67 @@ class Maintenance:
         self.held: Held | None = None
         """The maintenance lease as of the last round's renewal (None: another process's)."""
         self._last_reconcile: float | None = None
-        self._last_round: float | None = None
+        self._holding = threading.Lock()
+        self._one_round = threading.Lock()
+        self._taken = threading.Event()
+        """Set when the heartbeat took the lease (and on close): wakes the round thread."""
         self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
 
     def hold(self) -> Held | None:
         """Take or renew the maintenance lease; None while another process holds it. Raises
         AuditUnavailable when the store cannot be written (and then holds nothing)."""
-        before, self.held = self.held, None
-        held = self.leases.acquire(MAINTENANCE, self._broker.settings.lease_ttl)
-        if held is not None and (before is None or before.generation != held.generation):
-            log.info("took the maintenance lease (generation %d)", held.generation)
-        elif held is None and before is not None:
-            log.warning("lost the maintenance lease (generation %d)", before.generation)
-        self.held = held
-        return held
+        with self._holding:
+            before, self.held = self.held, None
+            held = self.leases.acquire(MAINTENANCE, self._broker.settings.lease_ttl)
+            if held is not None and (before is None or before.generation != held.generation):
+                log.info("took the maintenance lease (generation %d)", held.generation)
+            elif held is None and before is not None:
+                log.warning("lost the maintenance lease (generation %d)", before.generation)
+            self.held = held
+            return held
 
     def round(self) -> None:
         """One round: the singletons if this process holds (or can take) the lease, and this
-        process's own part. The first step that fails ends the round (and raises)."""
-        self._last_round = time.monotonic()
+        process's own part. The store's own jobs come first, then the checkpoint, then the
+        jobs that wait on backends (which may take long: they must not hold a checkpoint
+        back). The first step that fails ends the round (and raises). Rounds run one at a
+        time."""
+        with self._one_round:
+            self._round()
+
+    def _round(self) -> None:
         broker = self._broker
-        held = self.hold()
-        if held is not None:
-            self._singletons_before_refusals()
+        if self.hold() is not None:
+            self._singletons(self._store_steps())
         broker.record_refusals()
         if self.held is not None:
             self._sign_and_publish()
+            self._singletons(self._backend_steps())
         self._follow()
         broker.state.round()
         if not broker.store.truncate_wal():
             log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
 
-    def _steps(self) -> Iterator[Callable[[], object]]:
+    def _store_steps(self) -> Iterator[Callable[[], object]]:
         broker = self._broker
-        revocations = broker.grants.revocations
         yield broker.grants.expire_due
         yield broker.grants.purge_spent_tokens
         yield broker.approvals.expire_due
-        yield lambda: revocations.settle_stuck(older_than_s=STUCK_ISSUING_S)
-        yield revocations.process
+        yield lambda: broker.grants.revocations.settle_stuck(older_than_s=STUCK_ISSUING_S)
+
+    def _backend_steps(self) -> Iterator[Callable[[], object]]:
+        broker = self._broker
+        yield broker.grants.revocations.process
         now = time.monotonic()
         last = self._last_reconcile
         if last is None or now - last >= broker.settings.reconcile_interval:
             self._last_reconcile = now
             yield self._reconcile
 
-    def _singletons_before_refusals(self) -> None:
-        for number, step in enumerate(self._steps()):
-            if number and self.hold() is None:
+    def _singletons(self, steps: Iterator[Callable[[], object]]) -> None:
+        for step in steps:
+            if self.hold() is None:
                 return  # NOTE: another process holds it now: not one more step on stale ownership
             step()
 
@@ -165,33 +178,47 @@ class Maintenance:
             broker.publisher.refresh()
 
     def start(self) -> None:
-        """Run rounds in a daemon thread: the lease taken or renewed every :func:`tick`, a
-        round every ``checkpoint_interval`` (at once on taking the lease), so a checkpoint is
-        never older than that bound while the log grows."""
+        """Run maintenance in two daemon threads: one takes or renews the lease every
+        :func:`tick` (however long a round takes), the other runs a round every
+        ``checkpoint_interval`` and at once when the lease was taken, so a checkpoint is never
+        older than that bound while the log grows."""
         settings = self._broker.settings
 
-        def loop() -> None:
+        def heartbeat() -> None:
             every = tick(settings.checkpoint_interval, settings.lease_ttl)
             while not self._stop.wait(every):
                 try:
                     had = self.held
                     held = self.hold()
-                    taken = held is not None and (had is None or had.generation != held.generation)
-                    last = self._last_round
-                    due = last is None or time.monotonic() - last >= settings.checkpoint_interval
-                    if taken or due:
-                        self.round()
+                    if held is not None and (had is None or had.generation != held.generation):
+                        self._taken.set()
+                except Exception:  # the store is down: nothing is held; the next tick retries
+                    log.exception("the maintenance lease could not be renewed")
+
+        def rounds() -> None:
+            while True:
+                self._taken.wait(settings.checkpoint_interval)
+                self._taken.clear()
+                if self._stop.is_set():
+                    return
+                try:
+                    self.round()
                 except Exception:  # keep the loop alive; the next round retries
                     log.exception("maintenance round failed")
 
-        self._worker = threading.Thread(target=loop, name="broker-maintenance", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=heartbeat, name="broker-lease", daemon=True),
+            threading.Thread(target=rounds, name="broker-maintenance", daemon=True),
+        ]
+        for worker in self._workers:
+            worker.start()
 
     def close(self) -> None:
         """Stop the loop and give the lease up, so that another process takes it at once."""
         self._stop.set()
-        if self._worker is not None:
-            self._worker.join(timeout=10)
+        self._taken.set()
+        for worker in self._workers:
+            worker.join(timeout=10)
         if self.held is not None:
             try:
                 self.leases.release(MAINTENANCE)

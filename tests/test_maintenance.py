@@ -13,16 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 
 from broker.audit.log import AuditLog
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.lease import MAINTENANCE
-from broker.store.tables import CheckpointRow, UsedTokenRow
-from tests.servers import wait_until
+from broker.store.tables import CheckpointRow, LeaseRow, UsedTokenRow
 
-LEASE_TTL_S = 0.5
+LEASE_TTL_S = 30.0
 
 
 @pytest.fixture
@@ -89,8 +88,10 @@ def test_the_singletons_move_once_the_holder_stops_renewing(pair: tuple[Broker, 
     a.maintain()
     first = a.maintenance.held
     assert first is not None
-    grow(a)  # a "dies" now: it never renews again
-    assert wait_until(lambda: b.leases.holder_of(MAINTENANCE) is None, timeout=5)
+    grow(a)  # a "dies" now: it never renews again, and LEASE_TTL_S later its lease has lapsed
+    with a.store.write() as session:
+        session.execute(update(LeaseRow).values(expires_at=dt.datetime.now(dt.UTC)))
+    assert b.leases.holder_of(MAINTENANCE) is None
     b.maintain()
     taken = b.maintenance.held
     assert taken is not None and taken.generation == first.generation + 1
