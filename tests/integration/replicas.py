@@ -104,13 +104,22 @@ class Server:
             self.proc.wait()
 
     def workers(self) -> list[int]:
-        """The pids of the server's worker processes (``--workers``: its children)."""
+        """The pids of the server's worker processes (``--workers``: its children spawned by
+        multiprocessing, not its resource tracker)."""
         assert self.proc is not None
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         try:
-            return [int(p) for p in children.read_text().split()]
+            pids = [int(p) for p in children.read_text().split()]
         except OSError:
             return []
+        workers = []
+        for pid in pids:
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    workers.append(pid)
+            except OSError:
+                continue  # it just ended
+        return workers
 
     def stop(self) -> None:
         if self.proc is not None:
