@@ -27,12 +27,15 @@ from broker.audit.state import StateWatch
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
-from broker.dev.issuer import DevIssuer
+from broker.dev.issuer import DevIssuer, dev_issuer_key
 from broker.errors import BackendUnavailable, ConfigError
 from broker.grants.refusals import RefusalBudget
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
+from broker.keys.kek import kek_for
+from broker.keys.legacy import import_data_dir
+from broker.keys.store import KeyStore
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import Settings
 from broker.store.db import Store
@@ -332,11 +335,20 @@ def build_broker(settings: Settings) -> Broker:
         settings.audit_publish_s3_retention_days,
         settings.audit_publish_url,
     )
+    kek = kek_for(
+        settings.kek_file,
+        data_dir=settings.data_dir,
+        database_url=settings.database_url,
+        dev=settings.dev,
+    )
     store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     store.migrate()
-    keys = KeyRing(settings.data_dir / "keys")
-    audit = AuditLog.from_data_dir(settings.data_dir, audit_origin(str(settings.issuer_url)))
-    dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
+    sealed, origin = KeyStore(store, kek), audit_origin(str(settings.issuer_url))
+    import_data_dir(settings.data_dir, sealed, origin)
+    keys = KeyRing(sealed)
+    audit = AuditLog.from_store(sealed, data_dir=settings.data_dir, default_origin=origin)
+    dev_key = dev_issuer_key(sealed) if settings.dev else None
+    dev_issuer = DevIssuer(dev_key, policy) if dev_key else None
     jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
     verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
     enabled: dict[str, Backend] = {"jwt": JwtBackend(keys, str(settings.issuer_url))}

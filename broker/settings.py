@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     database_url: str | None = None
     issuer_url: str | None = None
+    kek_file: Path | None = None
+    """The key-encryption key (base64 of 32 random bytes) that seals every key in the store;
+    replicas share it. Unset: ``<data_dir>/kek``, created on first start (SQLite, or --dev)."""
     dev: bool = False
     """Dev mode: from ``--dev`` only (``BROKER_DEV`` is refused, see :class:`_EnvWithoutDev`)."""
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
