@@ -33,7 +33,7 @@ from broker.grants.refusals import RefusalBudget
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
-from broker.keys.kek import kek_for
+from broker.keys.kek import broker_kek
 from broker.keys.legacy import import_data_dir
 from broker.keys.store import KeyStore
 from broker.policy import LoadedPolicy, load_policy
@@ -272,30 +272,10 @@ def vault_backend(settings: Settings, policy: LoadedPolicy) -> VaultBackend:
     (BROKER_VAULT_JWT_ROLE + BROKER_VAULT_JWT_FILE) or VAULT_TOKEN. Checks it can log in and is
     not root; logs drift between Vault and what the policy renders. Raises ConfigError."""
     # Imported here: hvac costs memory and start-up time that brokers without vault need not pay.
-    from broker.backends.vault import (  # noqa: PLC0415
-        JwtLogin,
-        StaticToken,
-        TokenSource,
-        VaultBackend,
-        vault_config,
-    )
+    from broker.backends.vault import VaultBackend, token_source, vault_config  # noqa: PLC0415
 
     assert settings.vault_addr is not None
-    source: TokenSource
-    if settings.vault_jwt_role and settings.vault_jwt_file:
-        jwt_file = settings.vault_jwt_file
-        source = JwtLogin(
-            settings.vault_jwt_role,
-            lambda: jwt_file.read_text().strip(),
-            mount=settings.vault_jwt_mount,
-        )
-    elif settings.vault_token is not None:
-        source = StaticToken(settings.vault_token.get_secret_value())
-    else:
-        raise ConfigError(
-            "VAULT_ADDR is set but the broker has no Vault auth: set BROKER_VAULT_JWT_ROLE and "
-            "BROKER_VAULT_JWT_FILE (preferred) or VAULT_TOKEN"
-        )
+    source = token_source(settings)
     backend = VaultBackend(
         settings.vault_addr,
         source,
@@ -335,12 +315,7 @@ def build_broker(settings: Settings) -> Broker:
         settings.audit_publish_s3_retention_days,
         settings.audit_publish_url,
     )
-    kek = kek_for(
-        settings.kek_file,
-        data_dir=settings.data_dir,
-        database_url=settings.database_url,
-        dev=settings.dev,
-    )
+    kek = broker_kek(settings)
     store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     store.migrate()
     sealed, origin = KeyStore(store, kek), audit_origin(str(settings.issuer_url))

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     kek_file: Path | None = None
     """The key-encryption key (base64 of 32 random bytes) that seals every key in the store;
     replicas share it. Unset: ``<data_dir>/kek``, created on first start (SQLite, or --dev)."""
+    kek_transit_key: str | None = None
+    """The KEK file holds a transit ciphertext that this OpenBao/Vault transit key unwraps at
+    start-up (VAULT_ADDR and the broker's Vault auth; :mod:`broker.keys.transit`)..."""
+    kek_transit_mount: str = "transit"
+    """...under this mount."""
     dev: bool = False
     """Dev mode: from ``--dev`` only (``BROKER_DEV`` is refused, see :class:`_EnvWithoutDev`)."""
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from broker.store.db import Store
 
 KEK_ENV = "BROKER_KEK_FILE"
+TRANSIT_ENV = "BROKER_KEK_TRANSIT_KEY"
 
 
 def kek_flag(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,13 @@ def offline_kek(kek_file: Path | None, data_dir: Path) -> Kek:
     Raises ConfigError."""
     from broker.keys.kek import DEFAULT_KEK_FILE, load_kek
 
+    if os.environ.get(TRANSIT_ENV):
+        from broker.keys.transit import unwrap_kek
+        from broker.settings import Settings
+
+        if kek_file is None:
+            raise ConfigError(f"{TRANSIT_ENV} is set: pass --kek-file (the wrapped KEK)")
+        return unwrap_kek(Path(kek_file), Settings())
     if kek_file is not None:
         return load_kek(Path(kek_file))
     default = data_dir / DEFAULT_KEK_FILE
@@ -74,7 +82,14 @@ def key_store(data_dir: Path, database_url: str | None, kek_file: Path | None) -
 def cmd_kek_generate(args: argparse.Namespace) -> int:
     from broker.keys.kek import create_exclusive, generate
 
-    kek = generate()
+    if args.transit_key:
+        from broker.keys.transit import wrapped_kek
+        from broker.settings import Settings
+
+        settings = Settings(kek_transit_key=args.transit_key, kek_transit_mount=args.transit_mount)
+        kek = wrapped_kek(settings)
+    else:
+        kek = generate()
     if args.out is None:
         print(kek)
         return EXIT_OK
@@ -85,10 +100,8 @@ def cmd_kek_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_kek_rotate(args: argparse.Namespace) -> int:
-    from broker.keys.kek import load_kek
-
     keys = key_store(Path(args.data_dir), args.database_url, args.kek_file)
-    new = load_kek(Path(args.new))
+    new = offline_kek(Path(args.new), Path(args.data_dir))
     if new.key == keys.kek.key:
         raise ConfigError(f"--new: {args.new} holds the KEK the keys are sealed with already")
     try:
@@ -110,6 +123,12 @@ def add_commands(keys: Any) -> None:
     sub = kek.add_subparsers(dest="kek_cmd", required=True)
     p = sub.add_parser("generate", help="print a fresh KEK (base64 of 32 random bytes)")
     p.add_argument("--out", type=Path, help="write it to this new file (0600) instead")
+    p.add_argument(
+        "--transit-key",
+        help="make it wrapped by this OpenBao/Vault transit key (VAULT_ADDR and the broker's "
+        "Vault auth): the output is the ciphertext, the KEK is never shown",
+    )
+    p.add_argument("--transit-mount", default="transit")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_kek_generate)
     p = sub.add_parser(

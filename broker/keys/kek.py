@@ -10,10 +10,14 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker.errors import ConfigError
 from broker.keys.sealing import KEK_BYTES
 from broker.store.files import write_secret
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
 
 log = logging.getLogger("broker.keys")
 DEFAULT_KEK_FILE = "kek"
@@ -59,6 +63,28 @@ def load_kek(path: Path) -> Kek:
             "(make one with `broker keys kek generate`)"
         )
     return Kek(key, str(path))
+
+
+def broker_kek(settings: Settings) -> Kek:
+    """The KEK of a broker with these (resolved) settings: unwrapped by the transit key
+    ``BROKER_KEK_TRANSIT_KEY`` when set (:mod:`broker.keys.transit`), else :func:`kek_for`.
+    Raises ConfigError."""
+    if settings.kek_transit_key:
+        if settings.kek_file is None:
+            raise ConfigError(
+                "BROKER_KEK_TRANSIT_KEY is set but BROKER_KEK_FILE is not: it names the file "
+                "that holds the wrapped KEK"
+            )
+        from broker.keys.transit import unwrap_kek  # noqa: PLC0415 (hvac only when used)
+
+        return unwrap_kek(settings.kek_file, settings)
+    assert settings.database_url is not None
+    return kek_for(
+        settings.kek_file,
+        data_dir=settings.data_dir,
+        database_url=settings.database_url,
+        dev=settings.dev,
+    )
 
 
 def _is_sqlite(database_url: str) -> bool:
