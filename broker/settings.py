@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from broker.errors import ConfigError
+from broker.keys.kek import require_shared_kek
 from broker.store.db import sqlite_url
 
 EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "examples" / "policy.yaml"
@@ -119,10 +120,8 @@ class Settings(BaseSettings):
                 "so it listens on loopback only (127.0.0.1, ::1)"
             )
         issuer_url = (self.issuer_url or f"http://{self.host}:{self.port}").rstrip("/")
+        database_url = self.database_url or sqlite_url(self.data_dir)
+        require_shared_kek(database_url, self.kek_file, dev=self.dev)
         return self.model_copy(
-            update={
-                "policy": policy,
-                "issuer_url": issuer_url,
-                "database_url": self.database_url or sqlite_url(self.data_dir),
-            }
+            update={"policy": policy, "issuer_url": issuer_url, "database_url": database_url}
         )

@@ -151,8 +151,13 @@ class KeyRing:
     # --- the keys, fresh within REFRESH_S ------------------------------------------------------
 
     def _fresh(self) -> _Ring:
-        if self._clock() - self._checked >= self._refresh_s:
-            self.refresh()
+        # NOTE: a thread that finds another one refreshing goes on with the keys as they are
+        # (stale by that one read at most) instead of queueing behind it on the hot path.
+        if self._clock() - self._checked >= self._refresh_s and self._lock.acquire(blocking=False):
+            try:
+                self._refresh()
+            finally:
+                self._lock.release()
         return self._ring
 
     @property
@@ -191,16 +196,19 @@ class KeyRing:
         changed. A store that cannot be read, or keys that do not open, leave the keys as
         they were (logged): signing and verifying go on with what this replica holds."""
         with self._lock:
-            self._checked = self._clock()
-            try:
-                if self._keys.generation(JWT) == self._ring.generation:
-                    return False
-                generation, stored = self._keys.load(JWT)
-                self._ring = _ring(generation, stored)
-            except BrokerError as exc:
-                log.error("the signing keys were not refreshed from the store: %s", exc)
+            return self._refresh()
+
+    def _refresh(self) -> bool:
+        self._checked = self._clock()
+        try:
+            if self._keys.generation(JWT) == self._ring.generation:
                 return False
-            return True
+            generation, stored = self._keys.load(JWT)
+            self._ring = _ring(generation, stored)
+        except BrokerError as exc:
+            log.error("the signing keys were not refreshed from the store: %s", exc)
+            return False
+        return True
 
     # --- rotation ------------------------------------------------------------------------------
 

@@ -91,6 +91,17 @@ def _is_sqlite(database_url: str) -> bool:
     return database_url.startswith("sqlite")
 
 
+def require_shared_kek(database_url: str, kek_file: Path | None, *, dev: bool) -> None:
+    """Refuse a shared (non-SQLite) database without ``BROKER_KEK_FILE`` outside --dev (see
+    :func:`kek_for`). Raises ConfigError."""
+    if kek_file is None and not dev and not _is_sqlite(database_url):
+        raise ConfigError(
+            "BROKER_DATABASE_URL is not SQLite, so replicas may share it, but "
+            "BROKER_KEK_FILE is not set: every replica needs the same KEK file (make one "
+            "with `broker keys kek generate --out FILE`; docs/deployment.md)"
+        )
+
+
 def kek_for(kek_file: Path | None, *, data_dir: Path, database_url: str, dev: bool) -> Kek:
     """The broker's KEK: ``kek_file`` when given; else ``<data_dir>/kek``, created (0600) on
     first start, so a single node needs no setup.
@@ -102,13 +113,8 @@ def kek_for(kek_file: Path | None, *, data_dir: Path, database_url: str, dev: bo
     """
     if kek_file is not None:
         return load_kek(kek_file)
+    require_shared_kek(database_url, kek_file, dev=dev)
     if not _is_sqlite(database_url):
-        if not dev:
-            raise ConfigError(
-                "BROKER_DATABASE_URL is not SQLite, so replicas may share it, but "
-                "BROKER_KEK_FILE is not set: every replica needs the same KEK file (make one "
-                "with `broker keys kek generate --out FILE`; docs/deployment.md)"
-            )
         log.warning(
             "--dev on a shared database without BROKER_KEK_FILE: the KEK is %s, this data "
             "dir's own; another broker on this database cannot open its keys",

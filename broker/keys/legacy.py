@@ -13,6 +13,7 @@ downgrade is possible, and every start warns until they are deleted (docs/deploy
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -54,6 +55,8 @@ LEGACY_FILES = (*JWT_FILES.values(), AUDIT_KEY, AUDIT_ORIGIN, AUDIT_HMAC_FILE, D
 def _pem(path: Path) -> object:
     try:
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise  # moved meanwhile by another process of this data dir (see import_data_dir)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the key {path}: {type(exc).__name__}") from None
 
@@ -93,14 +96,6 @@ def _dev_issuer(data_dir: Path) -> list[NewKey]:
     return [_ec(data_dir / DEV_ISSUER_FILE).stored(ACTIVE)]
 
 
-def _adopt(keys: KeyStore, purpose: str, new: list[NewKey]) -> tuple[list[StoredKey], bool]:
-    return keys.ensure(purpose, lambda: new)
-
-
-def _constant(new: list[NewKey]) -> Callable[[], list[NewKey]]:
-    return lambda: new
-
-
 def _ignored(
     purpose: str, present: list[Path], held: list[StoredKey], read: Callable[[], list[NewKey]]
 ) -> None:
@@ -117,6 +112,26 @@ def _ignored(
             ", ".join(str(p) for p in present),
             MIGRATED,
         )
+
+
+def _import(
+    keys: KeyStore, purpose: str, present: list[Path], read: Callable[[], list[NewKey]]
+) -> None:
+    held = keys.find(purpose)
+    if held:
+        _ignored(purpose, present, held, read)
+        return
+    new = read()
+    stored, created = keys.ensure(purpose, lambda: new)
+    if not created:  # another replica stored its own meanwhile
+        _ignored(purpose, present, stored, lambda: new)
+        return
+    log.warning(
+        "moved the %s keys of %s into the store; the files are renamed *%s and no longer read",
+        purpose,
+        ", ".join(str(p) for p in present),
+        MIGRATED,
+    )
 
 
 def import_data_dir(data_dir: Path, keys: KeyStore, default_origin: str | None) -> None:
@@ -136,24 +151,13 @@ def import_data_dir(data_dir: Path, keys: KeyStore, default_origin: str | None) 
         present = [data_dir / n for n in names if (data_dir / n).exists()]
         if not present or (purpose == AUDIT_SIGNING and not (data_dir / AUDIT_KEY).exists()):
             continue
-        held = keys.find(purpose)
-        if held:
-            _ignored(purpose, present, held, read)
-        else:
-            new = read()
-            stored, created = _adopt(keys, purpose, new)
-            if not created:  # another replica stored its own meanwhile
-                _ignored(purpose, present, stored, _constant(new))
-            else:
-                log.warning(
-                    "moved the %s keys of %s into the store; the files are renamed *%s and "
-                    "no longer read",
-                    purpose,
-                    ", ".join(str(p) for p in present),
-                    MIGRATED,
-                )
+        try:
+            _import(keys, purpose, present, read)
+        except FileNotFoundError:
+            continue  # another process of this data dir (--workers) moved them meanwhile
         for path in present:
-            os.replace(path, path.with_name(path.name + MIGRATED))
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, path.with_name(path.name + MIGRATED))
     leftovers = [data_dir / (n + MIGRATED) for n in LEGACY_FILES]
     if any(p.exists() for p in leftovers):
         log.warning(

@@ -117,6 +117,11 @@ def test_an_upgraded_data_dir_keeps_its_keys_and_stops_reading_the_files(
         assert not (data / name).exists()
         assert (data / (name + MIGRATED)).exists()
     assert "moved the jwt keys" in caplog.text and "audit-key.pem" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "broker.keys"):
+        build_broker(settings(data)).close()
+    assert "hold keys in the clear from an earlier version" in caplog.text
+    assert str(data / ("audit-key.pem" + MIGRATED)) in caplog.text
     # The renamed files are no longer read: without them, the keys come from the store.
     for name in FILES:
         (data / (name + MIGRATED)).unlink()
