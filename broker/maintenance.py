@@ -173,7 +173,7 @@ class Maintenance:
         if self.held is not None:
             return
         with broker.store.read() as session:
-            broker.audit.follow(session)
+            broker.audit.check(session)  # which moves the anchor on when the store agrees
         if broker.publisher is not None:
             broker.publisher.refresh()
 

@@ -25,12 +25,15 @@ from broker.audit.state import StateWatch
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
-from broker.dev.issuer import DevIssuer
+from broker.dev.issuer import DevIssuer, dev_issuer_key
 from broker.errors import BackendUnavailable, ConfigError
 from broker.grants.refusals import RefusalBudget
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
+from broker.keys.kek import broker_kek
+from broker.keys.legacy import import_data_dir
+from broker.keys.store import KeyStore
 from broker.maintenance import Maintenance, role_lock
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import Settings
@@ -229,30 +232,10 @@ def vault_backend(settings: Settings, policy: LoadedPolicy) -> VaultBackend:
     (BROKER_VAULT_JWT_ROLE + BROKER_VAULT_JWT_FILE) or VAULT_TOKEN. Checks it can log in and is
     not root; logs drift between Vault and what the policy renders. Raises ConfigError."""
     # Imported here: hvac costs memory and start-up time that brokers without vault need not pay.
-    from broker.backends.vault import (  # noqa: PLC0415
-        JwtLogin,
-        StaticToken,
-        TokenSource,
-        VaultBackend,
-        vault_config,
-    )
+    from broker.backends.vault import VaultBackend, token_source, vault_config  # noqa: PLC0415
 
     assert settings.vault_addr is not None
-    source: TokenSource
-    if settings.vault_jwt_role and settings.vault_jwt_file:
-        jwt_file = settings.vault_jwt_file
-        source = JwtLogin(
-            settings.vault_jwt_role,
-            lambda: jwt_file.read_text().strip(),
-            mount=settings.vault_jwt_mount,
-        )
-    elif settings.vault_token is not None:
-        source = StaticToken(settings.vault_token.get_secret_value())
-    else:
-        raise ConfigError(
-            "VAULT_ADDR is set but the broker has no Vault auth: set BROKER_VAULT_JWT_ROLE and "
-            "BROKER_VAULT_JWT_FILE (preferred) or VAULT_TOKEN"
-        )
+    source = token_source(settings)
     backend = VaultBackend(
         settings.vault_addr,
         source,
@@ -292,12 +275,16 @@ def build_broker(settings: Settings) -> Broker:
         settings.audit_publish_s3_retention_days,
         settings.audit_publish_url,
     )
+    kek = broker_kek(settings)
     store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     store.migrate()
     leases = Leases(store)
-    keys = KeyRing(settings.data_dir / "keys")
-    audit = AuditLog.from_data_dir(settings.data_dir, audit_origin(str(settings.issuer_url)))
-    dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
+    sealed, origin = KeyStore(store, kek), audit_origin(str(settings.issuer_url))
+    import_data_dir(settings.data_dir, sealed, origin)
+    keys = KeyRing(sealed)
+    audit = AuditLog.from_store(sealed, data_dir=settings.data_dir, default_origin=origin)
+    dev_key = dev_issuer_key(sealed) if settings.dev else None
+    dev_issuer = DevIssuer(dev_key, policy) if dev_key else None
     jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
     verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
     enabled: dict[str, Backend] = {"jwt": JwtBackend(keys, str(settings.issuer_url))}

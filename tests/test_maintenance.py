@@ -8,7 +8,6 @@ separate-process forms (kill -9 included) are in tests/integration/test_replicas
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,14 +105,14 @@ def test_a_process_that_does_not_sign_follows_the_checkpoints_in_its_anchor(
     pair: tuple[Broker, Broker], tmp_path: Path
 ) -> None:
     a, _ = pair
-    # A replica with a data dir (and so an anchor) of its own, on a's database.
-    own = tmp_path / "own"
-    own.mkdir(mode=0o700)
-    for name in ("audit-key.pem", "audit-hmac.key", "audit-origin"):
-        shutil.copy2(tmp_path / "data" / name, own / name)
-    shutil.copytree(tmp_path / "data" / "keys", own / "keys")
+    # A replica with a data dir (and so an anchor) of its own, on a's database and KEK.
     settings = Settings(
-        dev=True, data_dir=own, policy=EXAMPLE_POLICY, database_url=a.store.url, lease_ttl=30
+        dev=True,
+        data_dir=tmp_path / "own",
+        policy=EXAMPLE_POLICY,
+        database_url=a.store.url,
+        kek_file=tmp_path / "data" / "kek",
+        lease_ttl=LEASE_TTL_S,
     )
     replica = build_broker(settings)
     try:

@@ -22,7 +22,9 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from broker.dev.issuer import DevIssuer
+from broker.dev.issuer import DevIssuer, dev_issuer_key
+from broker.keys.kek import load_kek
+from broker.keys.store import KeyStore
 from broker.policy import load_policy
 from broker.settings import EXAMPLE_POLICY
 from broker.store.db import Store
@@ -41,7 +43,7 @@ TAKEOVER_S = 20.0
 STARTUP_S = 60.0
 
 
-def broker_env(database_url: str | None = None) -> dict[str, str]:
+def broker_env(database_url: str | None = None, kek_file: Path | None = None) -> dict[str, str]:
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -52,6 +54,8 @@ def broker_env(database_url: str | None = None) -> dict[str, str]:
     }
     if database_url is not None:
         env["BROKER_DATABASE_URL"] = database_url
+    if kek_file is not None:
+        env["BROKER_KEK_FILE"] = str(kek_file)
     return env
 
 
@@ -140,9 +144,12 @@ def running(servers: Sequence[Server]) -> Iterator[None]:
             server.stop()
 
 
-def dev_issuer(data_dir: Path) -> DevIssuer:
-    """The dev issuer of a data dir, in the test process: it mints what the servers accept."""
-    return DevIssuer(data_dir, load_policy(EXAMPLE_POLICY, dev_mode=True))
+def dev_issuer(store: Store, kek_file: Path) -> DevIssuer:
+    """The servers' dev issuer (its key from their store), in the test process: it mints
+    what they accept, without a request."""
+    key = dev_issuer_key(KeyStore(store, load_kek(kek_file)), create=False)
+    assert key is not None, "no dev issuer key in the store yet"
+    return DevIssuer(key, load_policy(EXAMPLE_POLICY, dev_mode=True))
 
 
 def eval_token(issuer: DevIssuer) -> str:

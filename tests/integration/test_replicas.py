@@ -1,27 +1,25 @@
-"""Three replicas: separate ``broker serve`` processes with data dirs of their own, one
-PostgreSQL database, one issuer URL, one policy. What one does, the others see; killed with
+"""Three replicas: separate ``broker serve`` processes with data dirs of their own, on one
+PostgreSQL database, with one KEK file, one issuer URL and one policy, and nothing else shared.
+What one does, the others see (revocations at once, rotations within seconds); killed with
 SIGKILL under load, nothing a client was given is lost, the log stays dense and verifies, the
-singleton jobs move to a survivor, and a single-use token stays single-use across them.
-
-NOTE: until the keys live in the store (issue 14's key part), the replicas share keys by copies
-of the first data dir's key files; the anchor and everything else is each replica's own."""
+singleton jobs move to a survivor, and a single-use token stays single-use across them."""
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
-from broker.runtime import build_broker
-from broker.settings import EXAMPLE_POLICY, Settings
+from broker.dev.issuer import DevIssuer
+from broker.keys.kek import generate
 from broker.store.db import Store
 from tests.conftest import exchange_form
 from tests.integration.replicas import (
-    ISSUER_URL,
     TAKEOVER_S,
     Load,
     Server,
@@ -40,90 +38,109 @@ from tests.servers import Postgres, wait_until
 pytestmark = pytest.mark.integration
 
 KILLS = 2
-KEY_FILES = ("audit-key.pem", "audit-hmac.key", "audit-origin", "dev-issuer-key.pem", "keys")
+ROTATION_S = 5
+"""The contract: a rotation on one replica is honoured by every replica within this long."""
 
 
 @dataclass
 class Cluster:
     database: str
+    kek_file: Path
     replicas: list[Server]
     store: Store
+    issuer: DevIssuer
+
+    def verify_audit(self, workdir: Path) -> None:
+        """``broker audit verify`` with nothing but the database URL and the KEK file."""
+        env = {k: v for k, v in self.replicas[0].env.items() if k != "BROKER_DATA_DIR"}
+        verified = audit_verify(
+            "--database-url", self.database, "--data-dir", str(workdir / "none"), env=env
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 @pytest.fixture(scope="module")
 def cluster(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Three replicas on one new database, started once for this module's tests."""
+    """Three replicas started together on one new database, once for this module's tests."""
     tmp = tmp_path_factory.mktemp("replicas")
-    first = tmp / "a"
+    kek_file = tmp / "kek"
+    kek_file.write_text(generate() + "\n")
+    os.chmod(kek_file, 0o600)
     with postgres.database() as database:
-        build_broker(
-            Settings(
-                dev=True,
-                data_dir=first,
-                policy=EXAMPLE_POLICY,
-                database_url=database,
-                issuer_url=ISSUER_URL,
-            )
-        ).close()
-        servers = []
-        for name in ("a", "b", "c"):
-            data_dir = tmp / name
-            if name != "a":
-                data_dir.mkdir(mode=0o700)
-                for key in KEY_FILES:
-                    source = first / key
-                    if source.is_dir():
-                        shutil.copytree(source, data_dir / key)
-                    else:
-                        shutil.copy2(source, data_dir / key)
-            servers.append(Server(name, data_dir, broker_env(database)))
+        env = broker_env(database, kek_file)
+        servers = [Server(name, tmp / name, env) for name in ("a", "b", "c")]
         store = Store(database)
         try:
             with running(servers):
-                yield Cluster(database, servers, store)
+                yield Cluster(database, kek_file, servers, store, dev_issuer(store, kek_file))
         finally:
             store.close()
 
 
-def admin_headers(data_dir: Path) -> dict[str, str]:
-    token = dev_issuer(data_dir).mint(sub="alice@example.com", roles=["admin"])
-    return {"Authorization": f"Bearer {token}"}
+def admin_headers(issuer: DevIssuer) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issuer.mint(sub='alice@example.com', roles=['admin'])}"}
 
 
-def test_what_one_replica_does_the_others_see(cluster: Cluster) -> None:
-    replicas, database = cluster.replicas, cluster.database
-    a, b, c = replicas
-    admin = admin_headers(a.data_dir)
-    issued = httpx.post(f"{a.url}/v1/token", data=exchange_form(eval_token(dev_issuer(a.data_dir))))
+def introspect(server: Server, token: str, headers: dict[str, str]) -> dict[str, object]:
+    answer = httpx.post(f"{server.url}/v1/introspect", data={"token": token}, headers=headers)
+    assert answer.status_code == 200, answer.text
+    body: dict[str, object] = answer.json()
+    return body
+
+
+def exchange(server: Server, issuer: DevIssuer) -> dict[str, str]:
+    issued = httpx.post(f"{server.url}/v1/token", data=exchange_form(eval_token(issuer)))
     assert issued.status_code == 200, issued.text
-    token, grant_id = issued.json()["access_token"], issued.json()["grant_id"]
+    body: dict[str, str] = issued.json()
+    return body
 
-    seen = httpx.post(f"{b.url}/v1/introspect", data={"token": token}, headers=admin).json()
+
+def test_what_one_replica_does_the_others_see(cluster: Cluster, tmp_path: Path) -> None:
+    a, b, c = cluster.replicas
+    admin = admin_headers(cluster.issuer)
+    issued = exchange(a, cluster.issuer)
+    token, grant_id = issued["access_token"], issued["grant_id"]
+
+    seen = introspect(b, token, admin)
     assert seen["active"] is True and seen["grant_id"] == grant_id
     revoked = httpx.post(
         f"{c.url}/v1/grants/{grant_id}/revoke", json={"reason": "replicas"}, headers=admin
     )
     assert revoked.status_code == 200, revoked.text
     # NOTE: the very next request to another replica: no cache may still say active.
-    after = httpx.post(f"{a.url}/v1/introspect", data={"token": token}, headers=admin).json()
-    assert after == {"active": False}
+    assert introspect(a, token, admin) == {"active": False}
 
-    jwks = {httpx.get(f"{s.url}/.well-known/jwks.json").content for s in replicas}
-    assert len(jwks) == 1
+    def jwks(server: Server) -> bytes:
+        return httpx.get(f"{server.url}/.well-known/jwks.json").content
 
-    for server in replicas:  # any replica's data dir verifies the one log
-        verified = audit_verify(
-            "--database-url", database, "--data-dir", str(server.data_dir), env=server.env
-        )
-        assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert len({jwks(s) for s in cluster.replicas}) == 1
+    rotated = httpx.post(f"{b.url}/v1/keys/rotate", headers=admin)
+    assert rotated.status_code == 200, rotated.text
+    after = exchange(b, cluster.issuer)["access_token"]
+    kid = jwt.get_unverified_header(after)["kid"]
+
+    def a_serves_the_new_key() -> bool:
+        return kid in {k["kid"] for k in httpx.get(f"{a.url}/.well-known/jwks.json").json()["keys"]}
+
+    assert wait_until(a_serves_the_new_key, timeout=ROTATION_S)
+    keys = jwt.PyJWKSet.from_json(jwks(a).decode())
+    jwt.decode(
+        after,
+        next(k for k in keys.keys if k.key_id == kid),
+        algorithms=["ES256"],
+        options={"verify_aud": False},
+    )  # verifies against A's JWKS (raises otherwise)
+    assert wait_until(lambda: introspect(c, after, admin).get("active") is True, timeout=ROTATION_S)
+    assert wait_until(lambda: len({jwks(s) for s in cluster.replicas}) == 1, timeout=ROTATION_S)
+
+    cluster.verify_audit(tmp_path)
 
 
 def test_replicas_killed_under_load_lose_nothing_and_hand_the_singletons_on(
-    cluster: Cluster,
+    cluster: Cluster, tmp_path: Path
 ) -> None:
-    replicas, store = cluster.replicas, cluster.store
+    replicas, store, issuer = cluster.replicas, cluster.store, cluster.issuer
     by_pid = {s.proc.pid: s for s in replicas if s.proc is not None}
-    issuer = dev_issuer(replicas[0].data_dir)
     holders = []
     with Load([s.url for s in replicas], issuer) as load:
         assert wait_until(lambda: holder_pid(store) in by_pid, timeout=TAKEOVER_S)
@@ -158,8 +175,4 @@ def test_replicas_killed_under_load_lose_nothing_and_hand_the_singletons_on(
     statuses = race_one_token([s.url for s in replicas], issuer)
     assert sorted(statuses) == [200] + [400] * 49, statuses
 
-    first = replicas[0]
-    verified = audit_verify(
-        "--database-url", cluster.database, "--data-dir", str(first.data_dir), env=first.env
-    )
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    cluster.verify_audit(tmp_path)

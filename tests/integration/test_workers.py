@@ -45,7 +45,7 @@ def test_workers_killed_under_load_lose_nothing_and_are_replaced(server: Server)
     try:
         assert wait_until(lambda: len(server.workers()) == WORKERS, timeout=TAKEOVER_S)
         assert wait_until(lambda: holder_pid(store) in server.workers(), timeout=TAKEOVER_S)
-        issuer = dev_issuer(server.data_dir)
+        issuer = dev_issuer(store, server.data_dir / "kek")  # the embedded default's KEK
         holders = []
         with Load([server.url], issuer) as load:
             for _ in range(KILLS):

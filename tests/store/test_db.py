@@ -33,6 +33,7 @@ from broker.store.db import (
     sqlite_url,
 )
 from broker.store.tables import Base, EventRow, UsedTokenRow
+from tests.keys.support import key_store
 
 NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
 
@@ -45,8 +46,8 @@ def store(tmp_path: Path) -> Store:
 
 
 @pytest.fixture
-def audit(tmp_path: Path) -> AuditLog:
-    return AuditLog.from_data_dir(tmp_path, "test/audit")
+def audit(store: Store, tmp_path: Path) -> AuditLog:
+    return AuditLog.from_store(key_store(store), data_dir=tmp_path, default_origin="test/audit")
 
 
 def test_migrations_create_exactly_the_tables(store: Store) -> None:

@@ -1,7 +1,7 @@
 """leases: which broker process runs the singleton jobs, and cross-process locks
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-01 12:00:00.000000
 """
 
@@ -13,9 +13,7 @@ from alembic import op
 import broker.store.tables
 
 revision = "0009"
-# NOTE: named 0009 so that 0008 (the keys in the store, under way elsewhere) can come first;
-# whoever merges it sets this to "0008".
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
