@@ -235,13 +235,19 @@ def _pinned(command: list[str], cpus: set[int] | None) -> list[str]:
 
 @contextmanager
 def run_openbao(
-    binary: Path, workdir: Path, *, cpus: set[int] | None = None, tls: bool = False
+    binary: Path,
+    workdir: Path,
+    *,
+    cpus: set[int] | None = None,
+    tls: bool = False,
+    audit: bool = True,
 ) -> Iterator[OpenBao]:
     """An OpenBao dev server on a free loopback port, with a file audit device from a config
-    file, and a root client for the test setup; stopped on exit. With ``tls``, it serves HTTPS
-    with a certificate from its own CA, at ``OpenBao.ca``."""
+    file (unless not ``audit``: the benchmarks' in-memory OpenBao), and a root client for the
+    test setup; stopped on exit. With ``tls``, it serves HTTPS with a certificate from its own
+    CA, at ``OpenBao.ca``."""
     audit_log, config, log = workdir / "audit.log", workdir / "audit.hcl", workdir / "server.log"
-    config.write_text(_audit_config(audit_log))
+    config.write_text(_audit_config(audit_log) if audit else "")
     port = free_port_pair()
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     root_token = secrets.token_urlsafe(24)
