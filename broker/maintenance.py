@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("broker.maintenance")
 STUCK_ISSUING_S = 60
 """An ``issuing`` grant older than this is left over from a crash, not still committing."""
+STUCK_ROUND_TTLS = 10
+"""A round longer than this many lease TTLs (300 s with the defaults) is stuck: its process
+stops renewing the lease."""
 ROLE_LOCK_TTL_S = 120.0
 """How long a role's lock outlives a broker that died holding it. Longer than the IAM calls of
 one read-modify-write can take (three calls, each up to 15 s with three attempts)."""
@@ -75,10 +78,11 @@ class Maintenance:
         self._broker = broker
         self.leases = leases
         self.held: Held | None = None
-        """The maintenance lease as of the last round's renewal (None: another process's)."""
+        """The maintenance lease as of its last renewal (None: another process's)."""
         self._last_reconcile: float | None = None
         self._holding = threading.Lock()
         self._one_round = threading.Lock()
+        self._round_started: float | None = None
         self._taken = threading.Event()
         """Set when the heartbeat took the lease (and on close): wakes the round thread."""
         self._stop = threading.Event()
@@ -104,7 +108,11 @@ class Maintenance:
         back). The first step that fails ends the round (and raises). Rounds run one at a
         time."""
         with self._one_round:
-            self._round()
+            self._round_started = time.monotonic()
+            try:
+                self._round()
+            finally:
+                self._round_started = None
 
     def _round(self) -> None:
         broker = self._broker
@@ -137,7 +145,7 @@ class Maintenance:
 
     def _singletons(self, steps: Iterator[Callable[[], object]]) -> None:
         for step in steps:
-            if self.hold() is None:
+            if self.held is None or self.hold() is None:
                 return  # NOTE: another process holds it now: not one more step on stale ownership
             step()
 
@@ -188,6 +196,8 @@ class Maintenance:
             every = tick(settings.checkpoint_interval, settings.lease_ttl)
             while not self._stop.wait(every):
                 try:
+                    if self._stuck(settings.lease_ttl):
+                        continue
                     had = self.held
                     held = self.hold()
                     if held is not None and (had is None or had.generation != held.generation):
@@ -212,6 +222,20 @@ class Maintenance:
         ]
         for worker in self._workers:
             worker.start()
+
+    def _stuck(self, lease_ttl: float) -> bool:
+        """Whether the round under way has run for more than :data:`STUCK_ROUND_TTLS` times the
+        lease's TTL (a backend call that hangs). Then the lease is given up rather than renewed,
+        so that the singletons move on to a process that can run them; this one stops at its
+        next step (it renews before each)."""
+        started = self._round_started
+        if started is None or time.monotonic() - started < STUCK_ROUND_TTLS * lease_ttl:
+            return False
+        if self.held is not None:
+            log.warning("a maintenance round has run for too long: giving the lease up")
+            self.leases.release(MAINTENANCE)
+            self.held = None
+        return True
 
     def close(self) -> None:
         """Stop the loop and give the lease up, so that another process takes it at once."""

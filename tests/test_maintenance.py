@@ -8,6 +8,7 @@ separate-process forms (kill -9 included) are in tests/integration/test_replicas
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from sqlalchemy import func, insert, select, update
 
 from broker.audit.log import AuditLog
+from broker.maintenance import STUCK_ROUND_TTLS
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.lease import MAINTENANCE
@@ -133,5 +135,19 @@ def test_a_graceful_stop_hands_the_lease_over_at_once(pair: tuple[Broker, Broker
     a.maintain()
     assert a.maintenance.held is not None
     a.maintenance.close()  # what Broker.close does first
+    b.maintain()
+    assert b.maintenance.held is not None
+
+
+def test_a_round_stuck_for_too_long_gives_the_lease_up(pair: tuple[Broker, Broker]) -> None:
+    """A backend call that hangs must not keep the singletons on this process: its heartbeat
+    releases the lease instead of renewing it, and the round's next step finds it gone."""
+    a, b = pair
+    a.maintain()
+    assert a.maintenance.held is not None
+    assert not a.maintenance._stuck(LEASE_TTL_S)  # no round under way
+    a.maintenance._round_started = time.monotonic() - STUCK_ROUND_TTLS * LEASE_TTL_S
+    assert a.maintenance._stuck(LEASE_TTL_S)
+    assert a.maintenance.held is None
     b.maintain()
     assert b.maintenance.held is not None
