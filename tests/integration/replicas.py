@@ -126,8 +126,17 @@ class Server:
         return workers
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
+        """Stop the server; workers its supervisor left behind (it was killed after the stop
+        timeout) are killed too, so that no process outlives the test."""
+        if self.proc is None:
+            return
+        workers = self.workers()
+        stop_process(self.proc)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it ended with its supervisor, as it should
 
 
 @contextmanager
