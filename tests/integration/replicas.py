@@ -6,6 +6,7 @@ Every process started here is stopped by the context manager that started it, pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -133,10 +134,8 @@ class Server:
         workers = self.workers()
         stop_process(self.proc)
         for pid in workers:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended with its supervisor
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # it ended with its supervisor, as it should
 
 
 @contextmanager
