@@ -203,6 +203,7 @@ def test_the_origin_is_fixed_when_the_log_is_created(keys: KeyStore, tmp_path: P
         "broker.db",
         "broker.db-shm",
         "broker.db-wal",
+        "broker.db-writer.lock",  # the store's cross-process writer lock, no key
     ]
 
 
