@@ -24,6 +24,8 @@ from broker.audit.export import verify_store
 from broker.audit.log import AuditLog, canonical_json
 from broker.audit.merkle import Frontier, leaf_hash
 from broker.audit.state import verify_state
+from broker.keys.kek import kek_for
+from broker.keys.store import KeyStore
 from broker.store.db import Store, sqlite_url
 from broker.store.tables import CheckpointRow, EventRow, GrantRow, LogHeadRow, TreeNodeRow
 
@@ -121,7 +123,9 @@ def main() -> int:
         data.mkdir(parents=True, exist_ok=True)
         store = Store(sqlite_url(data), sqlite_synchronous="NORMAL")
         store.migrate()
-        audit = AuditLog.from_data_dir(data, "bench.example/audit")
+        kek = kek_for(None, data_dir=data, database_url=store.url, dev=False)
+        keys = KeyStore(store, kek)
+        audit = AuditLog.from_store(keys, data_dir=data, default_origin="bench.example/audit")
         t0 = time.perf_counter()
         build(store, audit, args.entries)
         print(f"built {args.entries} entries in {time.perf_counter() - t0:.1f} s")

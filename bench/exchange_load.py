@@ -318,18 +318,20 @@ class ServerOptions:
 
     @property
     def plain(self) -> bool:
-        """True when ``broker serve --dev`` itself is what runs (no uvicorn option overridden)."""
-        return self.workers == 1 and self.loop == "default" and self.http == "default"
+        """True when ``broker serve --dev [--workers N]`` itself is what runs (no uvicorn
+        option overridden)."""
+        return self.loop == "default" and self.http == "default"
 
     def describe(self) -> str:
         if self.plain:
-            return "broker serve --dev"
+            return "broker serve --dev" + (f" --workers {self.workers}" if self.workers > 1 else "")
         return f"uvicorn --workers {self.workers} --loop {self.loop} --http {self.http}"
 
 
 def _command(opts: ServerOptions, port: int, data_dir: Path) -> list[str]:
     if opts.plain:
         serve = ["serve", "--dev", "--port", str(port), "--data-dir", str(data_dir)]
+        serve += ["--workers", str(opts.workers)]
         return [sys.executable, "-m", "broker.cli.main", *serve]
     # The same app through uvicorn's own CLI, so its worker/loop/http options can be tried.
     loop = "auto" if opts.loop == "default" else opts.loop
@@ -392,7 +394,7 @@ def spawned_broker(opts: ServerOptions) -> Iterator[tuple[str, int]]:
             "BROKER_HOST": "127.0.0.1",
             "BROKER_PORT": str(port),
         }
-        if opts.workers > 1:
+        if opts.workers > 1 and not opts.plain:
             _prepare_data_dir(data_dir, port)
         with log.open("wb") as out:
             proc = subprocess.Popen(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,30 +12,33 @@ from urllib.parse import urlsplit
 from broker.approvals.rollback_tests import RollbackTests
 from broker.approvals.service import ApprovalService
 from broker.approvals.webhook import WebhookNotifier
-from broker.audit.log import AuditIntegrityError, AuditLog
+from broker.audit.log import AuditLog
 from broker.audit.publish import Publisher, Target, targets_from_settings
 from broker.audit.state import StateWatch
 from broker.backends.base import Backend, BackendRegistry, CachedProbe, HealthChecked
 from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
-from broker.dev.issuer import DevIssuer
+from broker.dev.issuer import DevIssuer, dev_issuer_key
 from broker.errors import BackendUnavailable, ConfigError
 from broker.grants.refusals import RefusalBudget
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
 from broker.identity.verifier import Verifier
+from broker.keys.kek import broker_kek
+from broker.keys.legacy import import_data_dir
+from broker.keys.store import KeyStore
+from broker.maintenance import Maintenance, role_lock
 from broker.metrics import Metrics
 from broker.policy import LoadedPolicy, load_policy
 from broker.settings import Settings
 from broker.store.db import Store
 from broker.store.files import owner_only
+from broker.store.lease import Leases
 
 if TYPE_CHECKING:
     from broker.backends.vault import VaultBackend
 
 log = logging.getLogger("broker")
-STUCK_ISSUING_S = 60
-"""An ``issuing`` grant older than this is left over from a crash, not still committing."""
 
 
 @dataclass
@@ -56,15 +57,15 @@ class Broker:
     dev_issuer: DevIssuer | None
     refusals: RefusalBudget
     state: StateWatch
+    leases: Leases
     publisher: Publisher | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _last_reconcile: float = 0.0
-    _worker: threading.Thread | None = None
     store_ready: CachedProbe = field(init=False)
     """The store's write probe, cached like the backends' (see :meth:`readiness`)."""
+    maintenance: Maintenance = field(init=False)
 
     def __post_init__(self) -> None:
         self.store_ready = CachedProbe(self.store.probe_write)
+        self.maintenance = Maintenance(self, self.leases)
 
     @property
     def issuer_url(self) -> str:
@@ -89,35 +90,9 @@ class Broker:
         return self.publisher.notices() if self.publisher is not None else {}
 
     def maintain(self) -> None:
-        """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
-        tokens, settle grants stuck
-        ``issuing``, retry due backend revocations, reconcile backend credentials (every
-        ``reconcile_interval``), sign a checkpoint if the log grew (unless the store disagrees
-        with the anchor: that is reported, and the round goes on), publish due checkpoints,
-        hold recent state against the log (:class:`StateWatch`), and truncate SQLite's WAL."""
-        revocations = self.grants.revocations
-        self.grants.expire_due()
-        self.grants.purge_spent_tokens()
-        self.approvals.expire_due()
-        revocations.settle_stuck(older_than_s=STUCK_ISSUING_S)
-        revocations.process()
-        now = time.monotonic()
-        if now - self._last_reconcile >= self.settings.reconcile_interval:
-            self._last_reconcile = now
-            for item in revocations.reconcile(min_age_s=STUCK_ISSUING_S):
-                log.warning("reconciler revoked an orphan credential: %s", item)
-            revocations.prune()
-        self.record_refusals()
-        try:
-            with self.store.write() as session:
-                self.audit.sign_checkpoint(session, dt.datetime.now(dt.UTC))
-        except AuditIntegrityError:
-            pass  # reported (CRITICAL, /readyz, metric); exchanges are refused meanwhile
-        if self.publisher is not None:
-            self.publisher.process()
-        self.state.round()
-        if not self.store.truncate_wal():
-            log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
+        """One round of housekeeping (:meth:`broker.maintenance.Maintenance.round`): the
+        singleton jobs when this process holds the maintenance lease, and its own part."""
+        self.maintenance.round()
 
     def record_refusals(self) -> None:
         """Write the summaries of refusals no event recorded one by one (see
@@ -135,23 +110,11 @@ class Broker:
             raise
 
     def start_maintenance(self) -> None:
-        """Run :meth:`maintain` every ``checkpoint_interval`` seconds in a daemon thread, so a
-        checkpoint is never older than that bound while the log grows."""
-
-        def loop() -> None:
-            while not self._stop.wait(self.settings.checkpoint_interval):
-                try:
-                    self.maintain()
-                except Exception:  # keep the loop alive; the next round retries
-                    log.exception("maintenance round failed")
-
-        self._worker = threading.Thread(target=loop, name="broker-maintenance", daemon=True)
-        self._worker.start()
+        """Run maintenance in a daemon thread (:meth:`broker.maintenance.Maintenance.start`)."""
+        self.maintenance.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._worker is not None:
-            self._worker.join(timeout=10)
+        self.maintenance.close()
         self.grants.close()
         try:
             self.record_refusals()
@@ -188,30 +151,10 @@ def vault_backend(settings: Settings, policy: LoadedPolicy) -> VaultBackend:
     (BROKER_VAULT_JWT_ROLE + BROKER_VAULT_JWT_FILE) or VAULT_TOKEN. Checks it can log in and is
     not root; logs drift between Vault and what the policy renders. Raises ConfigError."""
     # Imported here: hvac costs memory and start-up time that brokers without vault need not pay.
-    from broker.backends.vault import (  # noqa: PLC0415
-        JwtLogin,
-        StaticToken,
-        TokenSource,
-        VaultBackend,
-        vault_config,
-    )
+    from broker.backends.vault import VaultBackend, token_source, vault_config  # noqa: PLC0415
 
     assert settings.vault_addr is not None
-    source: TokenSource
-    if settings.vault_jwt_role and settings.vault_jwt_file:
-        jwt_file = settings.vault_jwt_file
-        source = JwtLogin(
-            settings.vault_jwt_role,
-            lambda: jwt_file.read_text().strip(),
-            mount=settings.vault_jwt_mount,
-        )
-    elif settings.vault_token is not None:
-        source = StaticToken(settings.vault_token.get_secret_value())
-    else:
-        raise ConfigError(
-            "VAULT_ADDR is set but the broker has no Vault auth: set BROKER_VAULT_JWT_ROLE and "
-            "BROKER_VAULT_JWT_FILE (preferred) or VAULT_TOKEN"
-        )
+    source = token_source(settings)
     backend = VaultBackend(
         settings.vault_addr,
         source,
@@ -251,11 +194,16 @@ def build_broker(settings: Settings) -> Broker:
         settings.audit_publish_s3_retention_days,
         settings.audit_publish_url,
     )
+    kek = broker_kek(settings)
     store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
     store.migrate()
-    keys = KeyRing(settings.data_dir / "keys")
-    audit = AuditLog.from_data_dir(settings.data_dir, audit_origin(str(settings.issuer_url)))
-    dev_issuer = DevIssuer(settings.data_dir, policy) if settings.dev else None
+    leases = Leases(store)
+    sealed, origin = KeyStore(store, kek), audit_origin(str(settings.issuer_url))
+    import_data_dir(settings.data_dir, sealed, origin)
+    keys = KeyRing(sealed)
+    audit = AuditLog.from_store(sealed, data_dir=settings.data_dir, default_origin=origin)
+    dev_key = dev_issuer_key(sealed) if settings.dev else None
+    dev_issuer = DevIssuer(dev_key, policy) if dev_key else None
     jwks = JWKSCache(static=dev_issuer.static_key_sets() if dev_issuer else None)
     verifier = Verifier(policy.policy, jwks, roles_for=policy.roles_for)
     metrics = Metrics(policy.policy.models, policy.policy.actions, policy.digest)
@@ -268,7 +216,7 @@ def build_broker(settings: Settings) -> Broker:
         # AWS_REGION honoured); never keys from the policy file. Imported here, like vault's.
         from broker.backends.aws import AwsBackend  # noqa: PLC0415
 
-        enabled["aws"] = AwsBackend(policy)
+        enabled["aws"] = AwsBackend(policy, role_lock=role_lock(leases))
     backends = BackendRegistry(enabled, observe=metrics.backend_call)
     webhook, secret = policy.policy.approval.webhook, policy.webhook_secret
     notifier = WebhookNotifier(webhook, secret) if webhook and secret else None
@@ -326,5 +274,6 @@ def build_broker(settings: Settings) -> Broker:
         dev_issuer=dev_issuer,
         refusals=RefusalBudget(burst=settings.refusal_burst, rate=settings.refusal_rate),
         state=state,
+        leases=leases,
         publisher=publisher,
     )

@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from broker.errors import ConfigError
+from broker.keys.kek import require_shared_kek
 from broker.logs import LogFormat
 from broker.store.db import sqlite_url
 
@@ -58,6 +59,14 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     database_url: str | None = None
     issuer_url: str | None = None
+    kek_file: Path | None = None
+    """The key-encryption key (base64 of 32 random bytes) that seals every key in the store;
+    replicas share it. Unset: ``<data_dir>/kek``, created on first start (SQLite, or --dev)."""
+    kek_transit_key: str | None = None
+    """The KEK file holds a transit ciphertext that this OpenBao/Vault transit key unwraps at
+    start-up (VAULT_ADDR and the broker's Vault auth; :mod:`broker.keys.transit`)..."""
+    kek_transit_mount: str = "transit"
+    """...under this mount."""
     dev: bool = False
     """Dev mode: from ``--dev`` only (``BROKER_DEV`` is refused, see :class:`_EnvWithoutDev`)."""
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -76,6 +85,9 @@ class Settings(BaseSettings):
     """Seconds between reconciler runs (backend credentials without an active grant)."""
     checkpoint_interval: float = Field(default=60.0, gt=0)
     """Seconds between maintenance rounds: expiry sweep and a new checkpoint if the log grew."""
+    lease_ttl: float = Field(default=30.0, gt=0)
+    """Seconds a broker process holds the maintenance lease without renewing it: the singleton
+    jobs move to another replica or worker within about 4/3 of this after the holder dies."""
     refusal_burst: int = Field(default=100, ge=1)
     """Unverifiable attempts a client address may make at once (docs/security.md)..."""
     refusal_rate: float = Field(default=10.0, gt=0)
@@ -130,10 +142,8 @@ class Settings(BaseSettings):
                 "so it listens on loopback only (127.0.0.1, ::1)"
             )
         issuer_url = (self.issuer_url or f"http://{self.host}:{self.port}").rstrip("/")
+        database_url = self.database_url or sqlite_url(self.data_dir)
+        require_shared_kek(database_url, self.kek_file, dev=self.dev)
         return self.model_copy(
-            update={
-                "policy": policy,
-                "issuer_url": issuer_url,
-                "database_url": self.database_url or sqlite_url(self.data_dir),
-            }
+            update={"policy": policy, "issuer_url": issuer_url, "database_url": database_url}
         )

@@ -30,6 +30,7 @@ import hvac
 import hvac.exceptions
 import pytest
 import requests
+from sqlalchemy import create_engine, text
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -235,13 +236,19 @@ def _pinned(command: list[str], cpus: set[int] | None) -> list[str]:
 
 @contextmanager
 def run_openbao(
-    binary: Path, workdir: Path, *, cpus: set[int] | None = None, tls: bool = False
+    binary: Path,
+    workdir: Path,
+    *,
+    cpus: set[int] | None = None,
+    tls: bool = False,
+    audit: bool = True,
 ) -> Iterator[OpenBao]:
     """An OpenBao dev server on a free loopback port, with a file audit device from a config
-    file, and a root client for the test setup; stopped on exit. With ``tls``, it serves HTTPS
-    with a certificate from its own CA, at ``OpenBao.ca``."""
+    file (unless not ``audit``: the benchmarks' in-memory OpenBao), and a root client for the
+    test setup; stopped on exit. With ``tls``, it serves HTTPS with a certificate from its own
+    CA, at ``OpenBao.ca``."""
     audit_log, config, log = workdir / "audit.log", workdir / "audit.hcl", workdir / "server.log"
-    config.write_text(_audit_config(audit_log))
+    config.write_text(_audit_config(audit_log) if audit else "")
     port = free_port_pair()
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     root_token = secrets.token_urlsafe(24)
@@ -324,6 +331,21 @@ class Postgres:
             f"postgresql+psycopg://{self.admin_user}:{self.admin_password}"
             f"@{self.host}:{self.port}/postgres"
         )
+
+    @contextmanager
+    def database(self) -> Iterator[str]:
+        """A new, empty database on this cluster; yields its SQLAlchemy URL; dropped on exit
+        (connections still open to it are closed by the drop)."""
+        name = f"broker_{secrets.token_hex(4)}"
+        admin = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f"CREATE DATABASE {name}"))
+            yield self.url.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            admin.dispose()
 
     def login_works(self, user: str, password: str) -> bool:
         """Whether ``user`` can log in with ``password`` over TCP (password authentication)."""

@@ -39,7 +39,7 @@ def test_the_data_dir_and_its_files_are_owner_only(
     broker = build_broker(Settings(dev=True, data_dir=data))
     try:
         assert stat.S_IMODE(data.stat().st_mode) == 0o700
-        secret = ["broker.db", "broker.db-wal", "broker.db-shm", "audit-key.pem", "audit-hmac.key"]
+        secret = ["broker.db", "broker.db-wal", "broker.db-shm", "broker.db-writer.lock", "kek"]
         modes = {name: stat.S_IMODE((data / name).stat().st_mode) for name in secret}
         assert modes == dict.fromkeys(secret, 0o600)
     finally:

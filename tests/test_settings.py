@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from broker.api.app import create_app
 from broker.cli.main import main
 from broker.errors import ConfigError, PolicyError
+from broker.runtime import build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 
 
@@ -90,3 +91,21 @@ def test_log_settings_come_from_the_environment_in_any_case(
 def test_an_unknown_log_setting_is_refused(tmp_path: Path, name: str, value: str) -> None:
     with pytest.raises(ValidationError, match=name):
         Settings(data_dir=tmp_path, **{name: value})
+
+
+def test_the_kek_settings_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_KEK_FILE", str(tmp_path / "kek"))
+    monkeypatch.setenv("BROKER_KEK_TRANSIT_KEY", "broker-kek")
+    settings = Settings(data_dir=tmp_path)
+    assert settings.kek_file == tmp_path / "kek" and settings.kek_transit_key == "broker-kek"
+
+
+def test_a_shared_database_without_a_kek_file_is_refused_before_it_is_opened(
+    tmp_path: Path,
+) -> None:
+    url = "postgresql+psycopg://broker:pw@127.0.0.1:9/broker"  # nothing listens: never reached
+    with pytest.raises(ConfigError, match="BROKER_KEK_FILE is not set"):
+        build_broker(Settings(data_dir=tmp_path, policy=EXAMPLE_POLICY, database_url=url))
+    assert not (tmp_path / "kek").exists()

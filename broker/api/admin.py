@@ -70,21 +70,20 @@ def rotate_keys(broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
     refresh their JWKS); a new next key is published."""
     require(person, Permission.ROTATE_KEYS)
     new = broker.keys.new_key()
-    current = broker.keys.next.kid
-    retired = broker.keys.previous.kid if broker.keys.previous else None
     with broker.store.write() as session:
-        # The event first: if it cannot be recorded the new key is never installed.
+        # One transaction: the keys move only if the event is recorded, and the event names
+        # the keys as the store had them (another replica may have rotated meanwhile).
+        rotation = broker.keys.rotate(session, new)
         broker.audit.append(
             session,
             "signing_key.rotated",
             dt.datetime.now(dt.UTC),
             {
                 "actor": {"issuer": person.issuer_name, "subject": person.subject},
-                "kid": current,
-                "next_kid": new.kid,
-                "retired_kid": retired,
+                "kid": rotation.kid,
+                "next_kid": rotation.next_kid,
+                "retired_kid": rotation.retired_kid,
             },
         )
-        session.flush()
-        broker.keys.rotate(new)
-    return {"kid": current, "next_kid": new.kid, "retired_kid": retired}
+    broker.keys.refresh()
+    return {"kid": rotation.kid, "next_kid": rotation.next_kid, "retired_kid": rotation.retired_kid}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.api.deps import BrokerDep
@@ -44,8 +44,13 @@ def openid_configuration(broker: BrokerDep) -> dict[str, Any]:
 
 
 @router.get("/.well-known/jwks.json", tags=["discovery"])
-def jwks(broker: BrokerDep) -> JSONResponse:
-    return JSONResponse(broker.keys.jwks(), headers={"Cache-Control": "public, max-age=300"})
+def jwks(broker: BrokerDep) -> Response:
+    # The same bytes on every replica (see KeyRing.jwks_json).
+    return Response(
+        broker.keys.jwks_json(),
+        media_type="application/json",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
 
 
 @router.get("/healthz", tags=["health"])

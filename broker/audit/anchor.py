@@ -1,8 +1,10 @@
-"""The anchor: the newest checkpoint this broker signed, kept where a database writer cannot reach.
+"""The anchor: the newest checkpoint this broker signed or checked, kept where a database writer
+cannot reach.
 
-A file in the data dir (``audit-anchor``, 0600, beside the log's key) holds the signed note of
-the newest checkpoint signed from this data dir. The broker refuses to sign a checkpoint that is
-not a consistent extension of it (:meth:`broker.audit.log.AuditLog.sign_checkpoint`), and
+A file in the data dir (``audit-anchor``, 0600) holds the signed note of the newest checkpoint
+signed from this data dir, or signed by another replica with the log's key and found consistent
+with it (:meth:`broker.audit.log.AuditLog.check`). The broker refuses to sign a checkpoint that
+is not a consistent extension of it (:meth:`broker.audit.log.AuditLog.sign_checkpoint`), and
 reports when the store disagrees with it (:mod:`broker.audit.integrity`). So whoever can write
 the database but not the data dir cannot make the broker vouch for a rewritten history: the
 rewrite no longer hashes to a root the broker remembers.

@@ -16,22 +16,20 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Table, bindparam, insert, select, tuple_, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from broker.audit.anchor import ANCHOR_FILE, AnchorError, AnchorFile
-from broker.audit.checkpoint import Checkpoint, NoteSigner, NoteVerifier
+from broker.audit.checkpoint import Checkpoint, CheckpointError, NoteSigner, NoteVerifier
 from broker.audit.integrity import ANCHOR, Integrity
+from broker.audit.keys import load_or_create, open_signer
 from broker.audit.merkle import (
     Frontier,
     consistency_proof,
@@ -40,7 +38,7 @@ from broker.audit.merkle import (
     verify_consistency,
 )
 from broker.errors import BrokerError, ConfigError, InvalidRequest
-from broker.store.files import write_private_key, write_secret
+from broker.keys.store import AUDIT_HMAC, AUDIT_SIGNING, KeyStore
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow, TreeNodeRow
 
 log = logging.getLogger("broker.audit")
@@ -139,21 +137,6 @@ class StoreHashReader:
         return row.hash
 
 
-def _load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
-    if not path.exists():
-        write_private_key(path, Ed25519PrivateKey.generate())
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"audit signing key {path} is not an Ed25519 key")
-    return key
-
-
-def _load_or_create_hmac_key(path: Path) -> bytes:
-    if not path.exists():
-        write_secret(path, os.urandom(32))
-    return path.read_bytes()
-
-
 @dataclass(frozen=True)
 class SignedCheckpoint:
     size: int
@@ -182,22 +165,40 @@ class AuditLog:
         self._committed: Frontier | None = None  # the frontier of a committed state
 
     @classmethod
-    def from_data_dir(cls, data_dir: Path, default_origin: str | None = None) -> AuditLog:
-        """Load (or create, 0600) the log's Ed25519 key, HMAC secret and origin in ``data_dir``,
-        with the anchor ``audit-anchor`` there (see :mod:`broker.audit.anchor`).
+    def from_store(
+        cls, keys: KeyStore, *, data_dir: Path | None, default_origin: str | None = None
+    ) -> AuditLog:
+        """The log whose Ed25519 key, origin and HMAC secret are sealed in the store (see
+        :mod:`broker.audit.keys`), with the anchor ``audit-anchor`` in ``data_dir`` (None: no
+        anchor; see :mod:`broker.audit.anchor`).
 
-        The origin is fixed when the log is created (``audit-origin``): it names the log in every
+        The origin is fixed when the log's key is created: it names the log in every
         checkpoint and in the verifier key, so it must not change with the broker's address.
-        Raises ConfigError when the log does not exist and no ``default_origin`` is given."""
-        origin_file = data_dir / "audit-origin"
-        if not origin_file.exists():
-            if default_origin is None:
-                raise ConfigError(f"no audit log in {data_dir} (audit-origin is missing)")
-            origin_file.write_text(default_origin + "\n")
-        origin = origin_file.read_text().strip()
-        signer = NoteSigner(origin, _load_or_create_signing_key(data_dir / "audit-key.pem"))
-        anchor = AnchorFile(data_dir / ANCHOR_FILE, NoteVerifier.from_vkey(signer.verifier_key()))
-        return cls(signer, _load_or_create_hmac_key(data_dir / "audit-hmac.key"), anchor=anchor)
+        Without ``default_origin`` nothing is created, and a store without a log key is a
+        ConfigError. Raises ConfigError."""
+        if default_origin is None:
+            signer = open_signer(keys)
+            if signer is None:
+                raise ConfigError("the store has no audit log key (no broker has run on it)")
+            found = keys.find(AUDIT_HMAC)
+            hmac_key = found[0].secret if found else b""
+        else:
+            if not keys.find(AUDIT_SIGNING):
+                with keys.store.read() as session:
+                    size = cls.size(session)
+                if size:
+                    # NOTE: fail closed: a new key would sign on as if the log were its own.
+                    raise ConfigError(
+                        f"the store's audit log has {size} entries but no log key: it was "
+                        "deleted from the keys table (restore it from a backup), or the data "
+                        "dir that held it is not this broker's --data-dir"
+                    )
+            signer, hmac_key = load_or_create(keys, default_origin)
+        anchor = None
+        if data_dir is not None:
+            verifier = NoteVerifier.from_vkey(signer.verifier_key())
+            anchor = AnchorFile(data_dir / ANCHOR_FILE, verifier)
+        return cls(signer, hmac_key, anchor=anchor)
 
     @property
     def origin(self) -> str:
@@ -375,8 +376,35 @@ class AuditLog:
         :attr:`integrity` and returns the problem, or None. Reads O(log n) tree nodes."""
         size = self.size(session)
         problem = self._anchor_problem(session, size) or self._stored_problem(session, size)
+        if problem is None:
+            self._follow(session)
         self.integrity.report(ANCHOR, problem)
         return problem
+
+    def _follow(self, session: Session) -> None:
+        """Advance the anchor to the newest stored checkpoint when it is larger: another
+        replica signed it with the log's key, and the store (just found to extend both the
+        anchor and it) proves it consistent with the anchor. So a replica that does not sign
+        checkpoints itself still remembers how far the history it vouches for reached.
+
+        NOTE: the note must verify with the log's key (sealed with the KEK, which a database
+        writer does not hold) and name exactly the stored size and root that were checked."""
+        anchor, latest = self.anchor, self.latest_checkpoint(session)
+        if anchor is None or latest is None:
+            return
+        try:
+            anchored = anchor.load()
+            if anchored is not None and anchored.size >= latest.size:
+                return
+            signed = NoteVerifier.from_vkey(self.verifier_key()).verify(latest.note.encode())
+        except (AnchorError, CheckpointError):
+            return
+        if (signed.size, signed.root) != (latest.size, latest.root):
+            return
+        try:
+            anchor.advance(latest.note.encode())
+        except (AnchorError, OSError) as exc:
+            log.error("the audit anchor was not advanced to checkpoint %d: %s", latest.size, exc)
 
     def sign_checkpoint(self, session: Session, now: dt.datetime) -> SignedCheckpoint:
         """Sign a checkpoint of the whole log, unless the newest one already covers it.

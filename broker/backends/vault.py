@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import hvac
 import hvac.exceptions
@@ -39,6 +39,9 @@ from broker.errors import AccessDenied, BackendUnavailable, ConfigError, Invalid
 from broker.grants.model import Grant
 from broker.policy import LoadedPolicy
 from broker.policy.model import Policy, VaultBackendConfig
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
 
 TOKEN_TYPE_DATABASE = "urn:broker:token-type:database-credentials"  # noqa: S105 (a URN)
 BROKER_MARKER = "model-credential-broker"
@@ -425,6 +428,24 @@ class JwtLogin:
         ttl = int(auth["lease_duration"])
         refresh_at = _now() + dt.timedelta(seconds=ttl * _LOGIN_REFRESH_FRACTION)
         return VaultLogin(str(auth["client_token"]), refresh_at)
+
+
+def token_source(settings: Settings) -> TokenSource:
+    """The broker's own Vault auth from its settings: a JWT login (BROKER_VAULT_JWT_ROLE +
+    BROKER_VAULT_JWT_FILE, preferred) or VAULT_TOKEN. Raises ConfigError when neither is set."""
+    if settings.vault_jwt_role and settings.vault_jwt_file:
+        jwt_file = settings.vault_jwt_file
+        return JwtLogin(
+            settings.vault_jwt_role,
+            lambda: jwt_file.read_text().strip(),
+            mount=settings.vault_jwt_mount,
+        )
+    if settings.vault_token is not None:
+        return StaticToken(settings.vault_token.get_secret_value())
+    raise ConfigError(
+        "VAULT_ADDR is set but the broker has no Vault auth: set BROKER_VAULT_JWT_ROLE and "
+        "BROKER_VAULT_JWT_FILE (preferred) or VAULT_TOKEN"
+    )
 
 
 # --- the backend ---------------------------------------------------------------------------------

@@ -184,38 +184,15 @@ def _client(args: argparse.Namespace, *, bearer: bool = False) -> BrokerClient:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from broker.cli.serve import serve
 
-    from broker.api.app import create_app
-    from broker.logs import configure_logging
-    from broker.settings import Settings
-
-    overrides = {
-        k: v
-        for k, v in {
-            "policy": args.policy,
-            "data_dir": args.data_dir,
-            "host": args.host,
-            "port": args.port,
-        }.items()
-        if v is not None
-    }
-    if args.dev:
-        overrides["dev"] = True
-    settings = Settings(**overrides)
-    configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings)
-    resolved = app.state.broker.settings
-    # NOTE: uvicorn's own access log prints query strings (a token may be in one): it stays
-    # off; BROKER_ACCESS_LOG turns on the broker's (docs/observability.md). log_config=None:
-    # uvicorn's lines go through the handler above, in the same format.
-    uvicorn.run(
-        app,
-        host=resolved.host,
-        port=resolved.port,
-        log_level="warning",
-        access_log=False,
-        log_config=None,
+    serve(
+        policy=args.policy,
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        dev=args.dev,
+        workers=args.workers,
     )
     return EXIT_OK
 
@@ -653,8 +630,24 @@ def cmd_aws_credential_process(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dev_key_sets(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """The dev issuer's JWKS for the policy's dev issuers, from the dev broker's store."""
+    from broker.cli.keys import key_store
+    from broker.dev.issuer import DevIssuer, dev_issuer_key
+
+    keys = key_store(Path(args.data_dir), None, args.kek_file)
+    try:
+        key = dev_issuer_key(keys, create=False)
+    finally:
+        keys.store.close()
+    if key is None:
+        raise ConfigError(
+            f"no dev issuer key in {args.data_dir}'s store: no --dev broker ran there"
+        )
+    return DevIssuer(key, loaded).static_key_sets()
+
+
 def cmd_policy_explain(args: argparse.Namespace) -> int:
-    from broker.dev.issuer import DevIssuer
     from broker.identity.jwks import JWKSCache
     from broker.identity.verifier import Verifier
     from broker.policy import Outcome, decide, load_policy
@@ -664,7 +657,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     if policy_file is None:
         raise ConfigError("no policy: pass --policy FILE (or --dev for the example policy)")
     loaded = load_policy(policy_file, dev_mode=args.dev)
-    static = DevIssuer(Path(args.data_dir), loaded).static_key_sets() if args.dev else None
+    static = _dev_key_sets(args, loaded) if args.dev else None
     verifier = Verifier(loaded.policy, JWKSCache(static=static), roles_for=loaded.roles_for)
     identity = verifier.verify_workload(_read_secret(args.token, "--token"))
     decision = decide(loaded, identity, args.model, args.action, args.backend)
@@ -694,17 +687,20 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
 
 def _open_log(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The store and audit log named by --data-dir / --database-url (no server needed)."""
+    """The store and audit log named by --data-dir / --database-url, the log's keys opened
+    with the KEK (--kek-file); no server needed, nor a data dir with --database-url and
+    --kek-file. The anchor is the data dir's, if the data dir exists."""
     from broker.audit.log import AuditLog
-    from broker.store.db import Store, sqlite_url
+    from broker.cli.keys import key_store
 
     data_dir = Path(args.data_dir)
-    if args.database_url is None and not (data_dir / "broker.db").exists():
-        raise ConfigError(f"no broker database in {data_dir}: pass --data-dir or --database-url")
-    if not (data_dir / "audit-key.pem").exists():
-        raise ConfigError(f"no audit key in {data_dir}: pass the broker's --data-dir")
-    audit = AuditLog.from_data_dir(data_dir)
-    return Store(args.database_url or sqlite_url(data_dir)), audit
+    keys = key_store(data_dir, args.database_url, args.kek_file)
+    try:
+        audit = AuditLog.from_store(keys, data_dir=data_dir if data_dir.is_dir() else None)
+    except BaseException:
+        keys.store.close()
+        raise
+    return keys.store, audit
 
 
 def _trusted(args: argparse.Namespace, verifier: Any) -> tuple[list[Any], list[Any]]:
@@ -912,6 +908,16 @@ def _wait_timeout(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {number}")
+    return number
+
+
 def _url_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help=f"broker base URL (default: $BROKER_URL, else {DEFAULT_URL})")
 
@@ -927,6 +933,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument(
         "--dev", action="store_true", help="embedded default with a dev issuer (loopback only)"
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="processes of this broker on this machine, sharing its store (default 1)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -1115,6 +1127,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p, bearer=True)
     p.set_defaults(func=cmd_keys_rotate)
+    from broker.cli.keys import add_commands as add_kek
+    from broker.cli.keys import kek_flag
+
+    add_kek(keys)
 
     aud = sub.add_parser("audit", help="verify, export and prove the audit log").add_subparsers(
         dest="audit_cmd", required=True
@@ -1123,6 +1139,7 @@ def build_parser() -> argparse.ArgumentParser:
     def store_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", default=os.environ.get("BROKER_DATA_DIR", ".broker"))
         p.add_argument("--database-url", default=os.environ.get("BROKER_DATABASE_URL"))
+        kek_flag(p)
         _common(p, url=False)
 
     p = aud.add_parser(
@@ -1175,8 +1192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action", required=True)
     p.add_argument("--backend", choices=sorted(TOKEN_TYPES), default="jwt")
     p.add_argument("--policy")
-    p.add_argument("--dev", action="store_true", help="trust the dev issuer (keys in --data-dir)")
+    p.add_argument(
+        "--dev", action="store_true", help="trust the dev issuer (its key in --data-dir's store)"
+    )
     p.add_argument("--data-dir", default=os.environ.get("BROKER_DATA_DIR", ".broker"))
+    kek_flag(p)
     _common(p, url=False)
     p.set_defaults(func=cmd_policy_explain)
     return parser

@@ -9,30 +9,32 @@ from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.backends.keys import ALGORITHM, public_jwk
+from broker.backends.keys import ALGORITHM, SigningKey, new_private
 from broker.errors import InvalidRequest
+from broker.keys.store import ACTIVE, DEV_ISSUER, KeyStore
 from broker.policy import LoadedPolicy
-from broker.store.files import write_private_key
 
 MAX_DEV_TTL = 24 * 3600
 
 
+def dev_issuer_key(keys: KeyStore, *, create: bool = True) -> SigningKey | None:
+    """The dev issuer's key, sealed in the store like every other (created when missing, if
+    ``create``; else None when missing). Raises ConfigError."""
+    if not create:
+        found = keys.find(DEV_ISSUER)
+        return SigningKey.from_stored(found[0], DEV_ISSUER) if found else None
+    (stored,), _ = keys.ensure(DEV_ISSUER, lambda: [SigningKey.of(new_private()).stored(ACTIVE)])
+    return SigningKey.from_stored(stored, DEV_ISSUER)
+
+
 class DevIssuer:
-    def __init__(self, data_dir: Path, policy: LoadedPolicy) -> None:
-        path = data_dir / "dev-issuer-key.pem"
-        if not path.exists():
-            write_private_key(path, ec.generate_private_key(ec.SECP256R1()))
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        self._key = key
-        self._jwk = public_jwk(key.public_key())
+    def __init__(self, key: SigningKey, policy: LoadedPolicy) -> None:
+        self._key = key.private
+        self._jwk = key.jwk
         self._policy = policy
         dev = [i for i in policy.policy.issuers if i.dev]
         self.workload = next((i for i in dev if i.kind == "workload"), None)

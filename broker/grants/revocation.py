@@ -116,6 +116,10 @@ class Revocations:
             job = session.get(RevocationRow, job_id, with_for_update=True)
             row = session.get(GrantRow, grant.id, with_for_update=True)
             assert job is not None and row is not None
+            if job.status != "pending":
+                # NOTE: another process (the revoking replica, or the lease holder's retry
+                # round) attempted the same job meanwhile and recorded its outcome.
+                return False
             job.attempts += 1
             data: dict[str, Any] = {
                 "backend": backend_name,

@@ -26,6 +26,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -76,9 +77,19 @@ _ACTIVATE = (
     .where(_GRANTS.c.id == bindparam("grant_id"), _GRANTS.c.status == str(GrantStatus.ISSUING))
     .values(status=str(GrantStatus.ACTIVE), credential_ref=bindparam("ref"))
 )
-_SPENT_OF = select(_USED_TOKENS.c.issuer, _USED_TOKENS.c.jti).where(
+_UNSPEND = delete(_USED_TOKENS).where(
     tuple_(_USED_TOKENS.c.issuer, _USED_TOKENS.c.jti).in_(bindparam("keys", expanding=True))
 )
+_SPEND_NEW_TOKENS = {
+    # NOTE: one statement that spends every token of a batch not spent before and names the
+    # ones it spent. PostgreSQL waits for another transaction's uncommitted spend of the same
+    # token and skips it once that commits, so replicas racing with one token fail only the
+    # exchanges that lost, never a whole batch.
+    name: dialect.insert(_USED_TOKENS)
+    .on_conflict_do_nothing()
+    .returning(_USED_TOKENS.c.issuer, _USED_TOKENS.c.jti)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
 
 
 def utcnow() -> dt.datetime:
@@ -449,35 +460,43 @@ class GrantService:
     def _write_batch(
         self, conn: Connection, writes: Sequence[_ExchangeWrite]
     ) -> tuple[list[Exception | None], Callable[[], None] | None]:
-        """Write the exchanges of one group commit (see GroupCommit). A token spent before, or
-        twice in the batch, fails its own exchange with TokenReplayed and writes nothing of it.
-        NOTE: the primary key still guards the spend: should the insert hit a token spent
-        meanwhile (another process), the whole batch fails closed."""
+        """Write the exchanges of one group commit (see GroupCommit). A token spent before (by
+        any process), or twice in the batch, fails its own exchange with TokenReplayed and
+        writes nothing of it."""
         outcomes: list[Exception | None] = [None] * len(writes)
-        keys = [(w.spend["issuer"], w.spend["jti"]) for w in writes if w.spend is not None]
-        spent = {(i, j) for i, j in conn.execute(_SPENT_OF, {"keys": keys})} if keys else set()
+        first: dict[tuple[str, str], int] = {}
         for i, write in enumerate(writes):
             if write.spend is not None:
                 key = (write.spend["issuer"], write.spend["jti"])
-                if key in spent:
+                if key in first:
                     outcomes[i] = _replayed(write.spend)
-                spent.add(key)
+                else:
+                    first[key] = i
+        tokens = {key: spend for key, i in first.items() if (spend := writes[i].spend)}
+        if tokens:
+            statement = _SPEND_NEW_TOKENS[conn.dialect.name]
+            spent = {(r.issuer, r.jti) for r in conn.execute(statement, list(tokens.values()))}
+            for key, i in first.items():
+                if key not in spent:
+                    outcomes[i] = _replayed(tokens[key])
         logged = [
             (i, w.event)
             for i, w in enumerate(writes)
             if outcomes[i] is None and w.event is not None
         ]
         appended, frontier = self.audit.append_batch(conn, [event for _, event in logged])
+        unrecorded = []
         for (i, _), result in zip(logged, appended, strict=True):
             if isinstance(result, ValueError):
                 outcomes[i] = InvalidRequest(f"the request cannot be recorded: {result}")
+                if (spend := writes[i].spend) is not None:
+                    unrecorded.append((spend["issuer"], spend["jti"]))
             else:
                 writes[i].index = result
+        if unrecorded:  # nothing of these is written: their tokens stay unspent
+            conn.execute(_UNSPEND, {"keys": unrecorded})
         done = [w for w, error in zip(writes, outcomes, strict=True) if error is None]
-        tokens = [w.spend for w in done if w.spend is not None]
         grants = [w.grant for w in done if w.grant is not None]
-        if tokens:
-            conn.execute(_SPEND_TOKEN, tokens)
         if grants:
             conn.execute(_INSERT_GRANT, grants)
         for w in done:

@@ -6,9 +6,12 @@ nothing was recorded, so nothing may be issued.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from broker.store.files import create_owner_only, owner_only
 
 log = logging.getLogger("broker.store")
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0009"
 """The newest migration (a test checks it against Alembic's head). A database already at it
 is opened without importing Alembic, which would cost the server ~11 MB for nothing."""
 SqliteSync = Literal["FULL", "NORMAL"]
@@ -34,6 +37,8 @@ BUSY_TIMEOUT_S = 10
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
 """Bytes of ``-wal`` file SQLite keeps after a checkpoint reset it (``journal_size_limit``);
 the default, -1, keeps the file at its largest size ever."""
+MIGRATION_LOCK = 0x62726F6B  # "brok"
+"""The PostgreSQL advisory lock that replicas starting together migrate under, one at a time."""
 CHECKPOINT_BUSY_MS = 250
 """How long a WAL truncation waits for readers to leave the log. Writers of this process wait
 meanwhile, so it is short: a truncation that cannot finish is tried again next round."""
@@ -59,6 +64,35 @@ def _secure_sqlite_files(database: str | None) -> None:
         sidecar = path.with_name(path.name + suffix)
         if sidecar.exists():
             owner_only(sidecar, 0o600)
+
+
+def _writer_lock_file(database: str | None) -> int | None:
+    """An open descriptor of ``<database>-writer.lock`` (0600), or None for an in-memory one.
+
+    NOTE: processes sharing one SQLite file (``--workers``) queue for its write lock here, on
+    a lock file, rather than in SQLite's busy handler, which sleeps up to 100 ms between tries
+    and so gave a second worker p99s of over a second (docs/performance.md)."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).with_name(Path(database).name + "-writer.lock")
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def _lock_file(fd: int, deadline: float) -> None:
+    """Take the writer lock file, trying again every few hundred µs until ``deadline``. Raises
+    AuditUnavailable then."""
+    pause = 0.0002
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise AuditUnavailable(
+                    "the store is busy (another process held its write lock); nothing was issued"
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
 
 
 def _sqlite_setup(engine: Engine, synchronous: SqliteSync) -> None:
@@ -120,10 +154,16 @@ class Store:
         # processes still meet BEGIN IMMEDIATE and busy_timeout. PostgreSQL needs no lock: its
         # row lock on log_head serialises appenders, and other writes may run in parallel.
         self._write_lock = threading.Lock() if is_sqlite else None
+        self._writer_file = _writer_lock_file(self.engine.url.database) if is_sqlite else None
         self._is_sqlite = is_sqlite
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision."""
+        """Bring the schema to the newest Alembic revision.
+
+        NOTE: replicas (or ``--workers``) that start together must not migrate at once. On
+        PostgreSQL the migration waits for an advisory lock held to the end of its transaction;
+        SQLite's write transaction (``BEGIN IMMEDIATE``) already admits one migrator. Either
+        way Alembic reads the revision after the wait, so the later ones find nothing to do."""
         if self.revision() == HEAD_REVISION:
             return
         from alembic import command  # noqa: PLC0415 (see HEAD_REVISION)
@@ -132,6 +172,8 @@ class Store:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            if not self._is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
@@ -168,7 +210,14 @@ class Store:
         if not lock.acquire(timeout=BUSY_TIMEOUT_S):
             raise AuditUnavailable("the store is busy (write lock timeout); nothing was issued")
         try:
-            yield
+            if self._writer_file is None:
+                yield
+                return
+            _lock_file(self._writer_file, time.monotonic() + BUSY_TIMEOUT_S)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._writer_file, fcntl.LOCK_UN)
         finally:
             lock.release()
 
@@ -240,6 +289,9 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._writer_file is not None:
+            os.close(self._writer_file)
+            self._writer_file = None
 
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""Secret files in the data dir (signing keys, the audit HMAC secret, the database): owner-only
+"""Secret files in the data dir (the KEK, the database, the audit anchor): owner-only
 (files 0600, directories 0700) whatever the umask; secrets written atomically."""
 
 from __future__ import annotations

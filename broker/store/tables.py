@@ -247,3 +247,44 @@ class PublicationRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_publications_due", "status", "next_attempt_at"),)
+
+
+class LeaseRow(Base):
+    """Who may do ``name`` now (see :mod:`broker.store.lease`): held by ``holder`` until
+    ``expires_at``; ``generation`` counts the times it changed hands."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    generation: Mapped[int] = mapped_column(BigInteger)
+
+
+class KeyRow(Base):
+    """A key the broker holds, sealed with the KEK (:mod:`broker.keys.sealing`): the JWT
+    signing keys (``slot`` next, current, previous), the audit log's signing key (its origin in
+    ``label``) and HMAC secret, the dev issuer's key (``slot`` active)."""
+
+    __tablename__ = "keys"
+
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kid: Mapped[str] = mapped_column(String(100), primary_key=True)
+    slot: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(Text)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+    # NOTE: one key per slot of a purpose: two replicas creating the same key at once cannot
+    # both commit.
+    __table_args__ = (Index("ux_keys_slot", "purpose", "slot", unique=True),)
+
+
+class KeyRingRow(Base):
+    """One row per key purpose: locked by whoever creates or rotates its keys, and its
+    ``generation`` counts changes, so a replica learns of a rotation by reading one integer."""
+
+    __tablename__ = "key_rings"
+
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger)

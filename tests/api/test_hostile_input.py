@@ -134,8 +134,8 @@ def test_a_nul_in_any_field_is_refused_before_the_token_is_read(
 def test_a_token_expiring_in_the_year_10000_is_refused_before_any_credential(
     client: TestClient, broker: Broker, data_dir: Path
 ) -> None:
-    key = (data_dir / "dev-issuer-key.pem").read_bytes()
     assert broker.dev_issuer is not None
+    key = broker.dev_issuer._key  # the dev issuer's own key, as the store holds it
     kid = jwt.get_unverified_header(eval_token(broker))["kid"]
     now = int(time.time())
     claims = {

@@ -18,8 +18,10 @@ from broker.audit.merkle import (
     verify_inclusion,
 )
 from broker.errors import InvalidRequest
+from broker.keys.store import KeyStore
 from broker.store.db import Store, sqlite_url
 from broker.store.tables import EventRow, TreeNodeRow
+from tests.keys.support import key_store
 
 NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
 
@@ -32,8 +34,13 @@ def store(tmp_path: Path) -> Store:
 
 
 @pytest.fixture
-def audit(tmp_path: Path) -> AuditLog:
-    return AuditLog.from_data_dir(tmp_path, "test.example/audit")
+def keys(store: Store) -> KeyStore:
+    return key_store(store)
+
+
+@pytest.fixture
+def audit(keys: KeyStore, tmp_path: Path) -> AuditLog:
+    return AuditLog.from_store(keys, data_dir=tmp_path, default_origin="test.example/audit")
 
 
 def bodies(store: Store) -> list[bytes]:
@@ -42,9 +49,11 @@ def bodies(store: Store) -> list[bytes]:
 
 
 def test_every_append_keeps_the_stored_tree_exact(
-    store: Store, audit: AuditLog, tmp_path: Path
+    store: Store, keys: KeyStore, audit: AuditLog, tmp_path: Path
 ) -> None:
-    other = AuditLog.from_data_dir(tmp_path)  # a second process: its cache is always stale
+    other = AuditLog.from_store(
+        keys, data_dir=tmp_path
+    )  # a second process: its cache is always stale
     expected = 0
     for n in range(1, 40):
         log = audit if n % 3 else other
@@ -74,9 +83,11 @@ def test_a_rolled_back_append_does_not_poison_the_cache(store: Store, audit: Aud
 
 
 def test_batched_appends_keep_the_stored_tree_exact(
-    store: Store, audit: AuditLog, tmp_path: Path
+    store: Store, keys: KeyStore, audit: AuditLog, tmp_path: Path
 ) -> None:
-    other = AuditLog.from_data_dir(tmp_path)  # a second process: its cache is always stale
+    other = AuditLog.from_store(
+        keys, data_dir=tmp_path
+    )  # a second process: its cache is always stale
     big = {"x": "y" * 70000}
     expected = 0
     for n in range(1, 25):
@@ -160,7 +171,7 @@ def test_proofs_verify_against_signed_checkpoints(store: Store, audit: AuditLog)
             audit.consistency_proof(s, 9, 3)
 
 
-def test_never_signs_over_a_rewritten_tree(store: Store, audit: AuditLog) -> None:
+def test_never_signs_over_a_rewritten_tree(store: Store, keys: KeyStore, audit: AuditLog) -> None:
     for n in range(4):
         with store.write() as s:
             audit.append(s, "t", NOW, {"n": n})
@@ -168,7 +179,9 @@ def test_never_signs_over_a_rewritten_tree(store: Store, audit: AuditLog) -> Non
         audit.sign_checkpoint(s, NOW)
     with store.write() as s:
         s.execute(update(TreeNodeRow).where(TreeNodeRow.level == 2).values(hash=b"\x00" * 32))
-    fresh = AuditLog.from_data_dir(Path(str(store.url).removeprefix("sqlite:///")).parent)
+    fresh = AuditLog.from_store(
+        keys, data_dir=Path(str(store.url).removeprefix("sqlite:///")).parent
+    )
     with store.write() as s:
         fresh.append(s, "t", NOW, {"n": 4})
     with pytest.raises(AuditIntegrityError, match="history was rewritten"), store.write() as s:
@@ -180,23 +193,34 @@ def test_never_signs_over_a_rewritten_tree(store: Store, audit: AuditLog) -> Non
         fresh.sign_checkpoint(s, NOW)
 
 
-def test_the_origin_is_fixed_when_the_log_is_created(tmp_path: Path) -> None:
-    first = AuditLog.from_data_dir(tmp_path, "a.example/audit")
-    again = AuditLog.from_data_dir(tmp_path, "b.example:9999/audit")
+def test_the_origin_is_fixed_when_the_log_is_created(keys: KeyStore, tmp_path: Path) -> None:
+    first = AuditLog.from_store(keys, data_dir=tmp_path, default_origin="a.example/audit")
+    again = AuditLog.from_store(keys, data_dir=None, default_origin="b.example:9999/audit")
     assert again.origin == "a.example/audit"
     assert again.verifier_key() == first.verifier_key()
-    assert (tmp_path / "audit-key.pem").stat().st_mode & 0o077 == 0
-    assert (tmp_path / "audit-hmac.key").stat().st_mode & 0o077 == 0
+    # Nothing of the log's keys is left in the data dir: they are sealed in the store.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "broker.db",
+        "broker.db-shm",
+        "broker.db-wal",
+        "broker.db-writer.lock",  # the store's cross-process writer lock, no key
+    ]
 
 
 def test_token_hmac_is_keyed(tmp_path: Path) -> None:
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    one = AuditLog.from_data_dir(tmp_path / "one", "x/audit")
-    two = AuditLog.from_data_dir(tmp_path / "two", "x/audit")
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    stores = [Store(sqlite_url(tmp_path / n)) for n in ("one", "two")]
+    for s in stores:
+        s.migrate()
+    one, two = (
+        AuditLog.from_store(key_store(s), data_dir=None, default_origin="x/audit") for s in stores
+    )
     assert one.token_hmac("tok") == one.token_hmac("tok")
     assert one.token_hmac("tok") != two.token_hmac("tok")
     assert one.token_hmac("tok") != "hmac-sha256:" + hashlib.sha256(b"tok").hexdigest()
+    for s in stores:
+        s.close()
 
 
 def test_store_hash_reader_refuses_missing_nodes(store: Store) -> None:

@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, update
 
 from broker.audit.checkpoint import Checkpoint, NoteSigner
+from broker.audit.log import AuditLog
+from broker.cli.keys import key_store
 from broker.cli.main import main
 from broker.runtime import Broker
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow
@@ -247,7 +249,9 @@ def test_a_trusted_checkpoint_beyond_the_store_is_a_rollback(
 def test_a_trusted_checkpoint_that_does_not_verify_is_named(
     history: History, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    origin = (history.data_dir / "audit-origin").read_text().strip()
+    keys = key_store(history.data_dir, None, None)  # the data dir's store and KEK, read only
+    origin = AuditLog.from_store(keys, data_dir=None).origin
+    keys.store.close()
     forged = tmp_path / "forged"
     signer = NoteSigner(origin, Ed25519PrivateKey.generate())
     forged.write_bytes(signer.sign(Checkpoint(origin, 6, b"\x07" * 32)))

@@ -13,9 +13,11 @@ from broker.backends.keys import KeyRing
 from broker.grants.introspection import introspect
 from broker.grants.model import Grant
 from broker.runtime import Broker
+from broker.store.db import Store, sqlite_url
 from tests.backends.conformance import BackendConformance, NewGrant, Revoke, Works, make_grant
 from tests.conftest import person_token
 from tests.grants.support import store_grant
+from tests.keys.support import key_store
 
 ISSUER = "http://127.0.0.1:9"
 
@@ -59,7 +61,9 @@ class TestJwtConformance(BackendConformance):
 
 
 def test_jwt_claims_and_audience(tmp_path: Path) -> None:
-    keys = KeyRing(tmp_path / "keys")
+    store = Store(sqlite_url(tmp_path))
+    store.migrate()
+    keys = KeyRing(key_store(store))
     backend = JwtBackend(keys, ISSUER)
     grant = make_grant(audience="vault-prod")
     token = backend.issue(grant).access_token
@@ -70,10 +74,4 @@ def test_jwt_claims_and_audience(tmp_path: Path) -> None:
     )
     assert claims["jti"] == grant.id and claims["iss"] == ISSUER
     assert claims["exp"] == int(grant.expires_at.timestamp())
-
-
-def test_signing_key_persists_and_is_private(tmp_path: Path) -> None:
-    first = KeyRing(tmp_path / "keys")
-    second = KeyRing(tmp_path / "keys")
-    assert first.current.kid == second.current.kid
-    assert (tmp_path / "keys" / "jwt-current.pem").stat().st_mode & 0o077 == 0
+    store.close()

@@ -104,6 +104,28 @@ def test_a_confirmed_revocation_is_recorded_once(
     assert len(fake.revoked) == 1
 
 
+def test_a_job_two_processes_attempt_at_once_is_recorded_once(
+    broker: Broker, fake: FakeBackend, clock: Clock
+) -> None:
+    """The revoking replica and the lease holder's retry round can pick up one job together;
+    the one that records second finds it no longer pending and records nothing."""
+    grant = revoked_grant(broker, fake, clock)
+    revoke = fake.revoke
+    raced: list[int] = []
+
+    def racing(g: Grant, ref: str | None) -> bool:
+        # While this attempt talks to the backend, another one (not racing) runs whole.
+        fake.revoke = revoke  # type: ignore[method-assign]
+        raced.append(broker.grants.revocations.process([g.id]))
+        return revoke(g, ref)
+
+    fake.revoke = racing  # type: ignore[method-assign]
+    assert broker.grants.revocations.process([grant.id]) == 0
+    assert raced == [1]
+    assert (job(broker, grant.id).status, job(broker, grant.id).attempts) == ("confirmed", 1)
+    assert [e["type"] for e in outcomes(broker, grant.id)] == ["grant.backend_revocation_confirmed"]
+
+
 def test_an_unreachable_backend_is_retried_with_backoff_until_it_confirms(
     broker: Broker, fake: FakeBackend, clock: Clock
 ) -> None:

@@ -64,3 +64,27 @@ def test_a_header_without_a_string_alg_is_refused(env: Env, header: dict[str, ob
     token = f"{b64json({**header, 'kid': 'rsa-1'})}.{b64json(env.claims())}.c2ln"
     with pytest.raises(IdentityRejected, match=r"^header alg is required$"):
         env.verifier.verify_workload(token)
+
+
+def test_an_unencoded_payload_header_is_refused(env: Env) -> None:
+    """RFC 7797 ``b64: false``: the signature would cover bytes other than those parsed."""
+    token = env.rsa.craft({"alg": "RS256", "kid": "rsa-1", "b64": False}, env.claims())
+    with pytest.raises(IdentityRejected, match=r"^header b64 is not accepted"):
+        env.verifier.verify_workload(token)
+
+
+def test_a_signature_of_a_length_no_base64_has_is_refused(env: Env) -> None:
+    header, payload, signature = env.token().split(".")
+    signature += "A" * ((1 - len(signature)) % 4)  # 4n + 1 characters
+    token = f"{header}.{payload}.{signature}"
+    with pytest.raises(IdentityRejected, match=r"^token signature is not base64url-encoded$"):
+        env.verifier.verify_workload(token)
+
+
+def test_the_claims_acted_on_are_the_ones_the_signature_covers(env: Env) -> None:
+    """The payload is parsed once; a payload swapped under another token's signature fails."""
+    header, _, signature = env.token().split(".")
+    other = b64json(env.claims(sub="workload-2"))
+    with pytest.raises(IdentityRejected, match=r"^signature does not verify with key 'rsa-1'$"):
+        env.verifier.verify_workload(f"{header}.{other}.{signature}")
+    assert env.verifier.verify_workload(env.token(sub="workload-2")).subject == "workload-2"

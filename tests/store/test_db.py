@@ -33,6 +33,7 @@ from broker.store.db import (
     sqlite_url,
 )
 from broker.store.tables import Base, EventRow, UsedTokenRow
+from tests.keys.support import key_store
 
 NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
 
@@ -45,8 +46,8 @@ def store(tmp_path: Path) -> Store:
 
 
 @pytest.fixture
-def audit(tmp_path: Path) -> AuditLog:
-    return AuditLog.from_data_dir(tmp_path, "test/audit")
+def audit(store: Store, tmp_path: Path) -> AuditLog:
+    return AuditLog.from_store(key_store(store), data_dir=tmp_path, default_origin="test/audit")
 
 
 def test_migrations_create_exactly_the_tables(store: Store) -> None:
@@ -406,3 +407,32 @@ def test_the_wal_stays_within_its_limit_between_truncations(tmp_path: Path) -> N
         assert _wal_bytes(tmp_path) <= WAL_SIZE_LIMIT
     finally:
         store.close()
+
+
+def test_processes_sharing_a_sqlite_file_queue_on_its_writer_lock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's engine (its own lock file descriptor) waits for this one's write to
+    end rather than polling in SQLite's busy handler; past the wait it fails closed."""
+    other = Store(store.url)
+    try:
+        committed = threading.Event()
+
+        def write_from_the_other_process() -> None:
+            with other.write() as s:
+                s.add(UsedTokenRow(issuer="i", jti="theirs", expires_at=NOW))
+            committed.set()
+
+        with store.write() as s:
+            s.add(UsedTokenRow(issuer="i", jti="mine", expires_at=NOW))
+            thread = threading.Thread(target=write_from_the_other_process)
+            thread.start()
+            assert not committed.wait(0.3)  # it waits while this write is open
+        thread.join(timeout=10)
+        assert committed.is_set()
+        monkeypatch.setattr("broker.store.db.BUSY_TIMEOUT_S", 0.2)
+        busy = pytest.raises(AuditUnavailable, match="another process held")
+        with store.write(), busy, other.write():
+            pass
+    finally:
+        other.close()

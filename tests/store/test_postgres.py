@@ -163,3 +163,44 @@ def test_rollback_test_reports_spend_their_token_once_on_postgres(
         types = list(session.scalars(select(EventRow.type).order_by(EventRow.idx)))
     assert types == ["policy.loaded", "rollback_test.recorded", "rollback_test.refused"]
     assert [t["result"] for t in broker.rollback_tests.find()] == ["passed"]
+
+
+def test_one_token_raced_through_two_brokers_is_spent_once_on_postgres(
+    pg_broker: tuple[TestClient, Broker], tmp_path: Path
+) -> None:
+    """Two brokers (two engines, as two replicas) on one database: a token sent to both at once
+    gets one 200, and the other exchanges committed in the same group commits are not failed
+    with it (each batch spends what it can and refuses only what another process spent)."""
+    client, broker = pg_broker
+    other = build_broker(
+        Settings(
+            dev=True,
+            data_dir=tmp_path / "data",  # the same keys: the dev issuer's and the broker's
+            policy=EXAMPLE_POLICY,
+            database_url=broker.store.url,
+        )
+    )
+    try:
+        with TestClient(create_app(broker=other)) as second:
+            token = eval_token(broker)
+            forms = [exchange_form(token)] * 12 + [
+                exchange_form(eval_token(broker)) for _ in range(8)
+            ]
+            results: list[int] = [0] * len(forms)
+
+            def go(i: int) -> None:
+                target = client if i % 2 else second
+                results[i] = target.post("/v1/token", data=forms[i]).status_code
+
+            threads = [threading.Thread(target=go, args=(i,)) for i in range(len(forms))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        other.close()
+    assert sorted(results[:12]) == [200] + [400] * 11
+    assert results[12:] == [200] * 8
+    with broker.store.read() as session:
+        idx = list(session.scalars(select(EventRow.idx).order_by(EventRow.idx)))
+    assert idx == list(range(len(idx)))  # dense: both brokers appended to one log

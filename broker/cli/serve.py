@@ -1,0 +1,117 @@
+"""``broker serve``: one process, or ``--workers N`` processes of one broker sharing its store.
+
+With several workers, uvicorn's supervisor binds the socket once and runs N worker processes
+that accept on it; each builds its own broker from the same settings (passed as ``BROKER_*``
+variables: :func:`app_from_env`), and the store is what they share: grants, spent tokens, the
+log, the leases (one worker at a time runs the singleton maintenance, see
+:mod:`broker.maintenance`). The supervisor restarts a worker that dies.
+
+Nothing of the server is imported until a server is started (the CLI stays light).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+APP = "broker.cli.serve:app_from_env"
+DEV_APP = "broker.cli.serve:dev_app_from_env"
+
+
+def serve(
+    *,
+    policy: Path | None,
+    data_dir: Path | None,
+    host: str | None,
+    port: int | None,
+    dev: bool,
+    workers: int,
+) -> None:
+    """Run the broker until it is stopped. Raises ConfigError/PolicyError before serving."""
+    import uvicorn  # noqa: PLC0415 (see the module's docstring)
+
+    from broker.logs import configure_logging  # noqa: PLC0415
+    from broker.settings import Settings  # noqa: PLC0415
+
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {"policy": policy, "data_dir": data_dir, "host": host, "port": port}.items()
+        if v is not None
+    }
+    if dev:
+        overrides["dev"] = True
+    settings = Settings(**overrides)
+    configure_logging(settings.log_format, settings.log_level)
+    # NOTE: uvicorn's own access log prints query strings (a token may be in one): it stays
+    # off; BROKER_ACCESS_LOG turns on the broker's (docs/observability.md). log_config=None:
+    # uvicorn's lines go through the handler configured here, in the same format.
+    if workers == 1:
+        from broker.api.app import create_app  # noqa: PLC0415
+
+        app = create_app(settings)
+        resolved = app.state.broker.settings
+        uvicorn.run(
+            app,
+            host=resolved.host,
+            port=resolved.port,
+            log_level="warning",
+            access_log=False,
+            log_config=None,
+        )
+        return
+    resolved = prepare(settings)
+    # NOTE: the workers are new processes (spawned): they read their settings from the
+    # environment, as replicas do. Dev mode never comes from there (BROKER_DEV is refused), so
+    # it is the choice of factory, made here from --dev.
+    for name, value in (
+        ("BROKER_POLICY", resolved.policy),
+        ("BROKER_DATA_DIR", resolved.data_dir),
+        ("BROKER_HOST", resolved.host),
+        ("BROKER_PORT", resolved.port),
+        ("BROKER_ISSUER_URL", resolved.issuer_url),
+        ("BROKER_DATABASE_URL", resolved.database_url),
+    ):
+        os.environ[name] = str(value)
+    uvicorn.run(
+        DEV_APP if dev else APP,
+        factory=True,
+        workers=workers,
+        host=resolved.host,
+        port=resolved.port,
+        log_level="warning",
+        access_log=False,
+        log_config=None,
+    )
+
+
+def prepare(settings: Any) -> Any:
+    """Build the broker once and close it before the workers start: the configuration is
+    checked (an error stops ``serve`` with one message, not N), and the data dir, the keys
+    and the schema are made by one process, not raced for. Returns the resolved settings."""
+    from broker.runtime import build_broker  # noqa: PLC0415
+
+    broker = build_broker(settings)
+    broker.close()
+    return broker.settings
+
+
+def _configured(**extra: Any) -> Any:
+    from broker.api.app import create_app  # noqa: PLC0415
+    from broker.logs import configure_logging  # noqa: PLC0415
+    from broker.settings import Settings  # noqa: PLC0415
+
+    settings = Settings(**extra)
+    # Spawned workers do not inherit the supervisor's handler: each configures its own.
+    configure_logging(settings.log_format, settings.log_level)
+    return create_app(settings)
+
+
+def app_from_env() -> Any:
+    """The app of one worker, from ``BROKER_*`` (uvicorn's ``--factory``)."""
+    return _configured()
+
+
+def dev_app_from_env() -> Any:
+    """The app of one worker of ``broker serve --dev --workers N``."""
+    return _configured(dev=True)

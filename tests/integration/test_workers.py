@@ -1,0 +1,85 @@
+"""``broker serve --workers 2`` on SQLite: two processes of one broker sharing its data dir and
+database. Killed with SIGKILL under load (the worker holding the maintenance lease, twice),
+uvicorn's supervisor starts a new worker in its place; nothing a client was given is lost, the
+log stays dense and verifies, the singletons move to the other worker, and a single-use token
+stays single-use across the two."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.store.db import Store, sqlite_url
+from tests.integration.replicas import (
+    TAKEOVER_S,
+    Load,
+    Server,
+    assert_everything_issued_is_recorded,
+    audit_verify,
+    broker_env,
+    dev_issuer,
+    holder_pid,
+    newest_checkpoint,
+    race_one_token,
+    running,
+)
+from tests.servers import wait_until
+
+pytestmark = pytest.mark.integration
+
+WORKERS = 2
+KILLS = 2
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    server = Server("workers", tmp_path / "data", broker_env(), extra=["--workers", str(WORKERS)])
+    with running([server]):
+        yield server
+
+
+def test_workers_killed_under_load_lose_nothing_and_are_replaced(server: Server) -> None:
+    store = Store(sqlite_url(server.data_dir))
+    try:
+        assert wait_until(lambda: len(server.workers()) == WORKERS, timeout=TAKEOVER_S)
+        assert wait_until(lambda: holder_pid(store) in server.workers(), timeout=TAKEOVER_S)
+        issuer = dev_issuer(store, server.data_dir / "kek")  # the embedded default's KEK
+        holders = []
+        with Load([server.url], issuer) as load:
+            for _ in range(KILLS):
+                pid = holder_pid(store)
+                assert pid is not None and pid in server.workers()
+                holders.append(pid)
+                signed_before, served_before = newest_checkpoint(store), load.count()
+                server.kill(pid)
+                # The other worker takes the singletons over and signs on; the supervisor
+                # (not the test) puts a new worker in the dead one's place.
+                assert wait_until(
+                    lambda dead=pid: holder_pid(store) not in (None, dead),  # type: ignore[misc]
+                    timeout=TAKEOVER_S,
+                )
+                assert wait_until(
+                    lambda n=signed_before: newest_checkpoint(store) > n,  # type: ignore[misc]
+                    timeout=TAKEOVER_S,
+                )
+                assert wait_until(
+                    lambda dead=pid: (
+                        len(server.workers()) == WORKERS  # type: ignore[misc]
+                        and dead not in server.workers()
+                    ),
+                    timeout=TAKEOVER_S * 3,
+                )
+                assert wait_until(
+                    lambda n=served_before: load.count() > n + 20,  # type: ignore[misc]
+                    timeout=TAKEOVER_S,
+                )
+        assert len(set(holders)) == KILLS
+        assert_everything_issued_is_recorded(store, load.issued)
+        statuses = race_one_token([server.url], issuer)
+        assert sorted(statuses) == [200] + [400] * 49, statuses
+    finally:
+        store.close()
+    verified = audit_verify("--data-dir", str(server.data_dir), env=server.env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
