@@ -58,6 +58,8 @@ class Broker:
     refusals: RefusalBudget
     state: StateWatch
     leases: Leases
+    keystore: KeyStore
+    """The sealed keys (for the parts that fetch their own, such as the console's)."""
     publisher: Publisher | None = None
     store_ready: CachedProbe = field(init=False)
     """The store's write probe, cached like the backends' (see :meth:`readiness`)."""
@@ -275,5 +277,6 @@ def build_broker(settings: Settings) -> Broker:
         refusals=RefusalBudget(burst=settings.refusal_burst, rate=settings.refusal_rate),
         state=state,
         leases=leases,
+        keystore=sealed,
         publisher=publisher,
     )

@@ -11,7 +11,7 @@ from starlette.responses import RedirectResponse, Response
 
 from broker.console import approvals, auth, grants, records
 from broker.console.oidc import CALLBACK_PATH, OidcSignin
-from broker.console.session import Cookies, load_key, secure_cookies
+from broker.console.session import Cookies, cookie_key, secure_cookies
 from broker.console.web import (
     HERE,
     Console,
@@ -95,7 +95,7 @@ def create_console(broker: Broker) -> FastAPI:
     secure = secure_cookies(broker.issuer_url)
     app.state.console = Console(
         broker=broker,
-        cookies=Cookies(load_key(broker.settings.data_dir), secure=secure),
+        cookies=Cookies(cookie_key(broker.keystore), secure=secure),
         templates=templates(),
         signins=signins(broker),
     )

@@ -14,8 +14,8 @@ can never be replayed as another:
   is signed in (the dev sign-in form).
 
 NOTE: sessions are stateless: signing out deletes the cookie in the browser, but a copy of it
-stays valid until it expires (at most :data:`MAX_SESSION_S`). Every worker and replica that
-shares the console key (``console-cookie.key`` in the data dir) accepts every session.
+stays valid until it expires (at most :data:`MAX_SESSION_S`). The console key is sealed in the
+store (:func:`cookie_key`), so every worker and replica on one store accepts every session.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,8 +36,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starlette.responses import Response
 
+from broker.errors import ConfigError
 from broker.identity.jwks import LOOPBACK_HOSTS
-from broker.store.files import owner_only
+from broker.keys.store import ACTIVE, CONSOLE_COOKIE, KeyStore, NewKey
 
 SESSION_COOKIE = "broker_console"
 LOGIN_COOKIE = "broker_console_login"
@@ -47,35 +47,23 @@ MAX_SESSION_S = 3600
 """A session lasts at most this long after sign-in (and never past the ID token's ``exp``)."""
 LOGIN_TTL_S = 600
 """A sign-in must come back from the identity provider within this."""
-KEY_FILE = "console-cookie.key"
 MAX_COOKIE_CHARS = 4096
 CSRF_FIELD = "csrf"
 
 _SESSION, _LOGIN, _FORM = b"console session", b"console login", b"console form"
 
 
-def load_key(data_dir: Path) -> bytes:
-    """The console's 256-bit cookie key in ``data_dir`` (0600), created if absent. Created by
-    a hard link, so that workers starting together all end up with the first one written."""
-    path = data_dir / KEY_FILE
-    if not path.exists():
-        tmp = data_dir / f"{KEY_FILE}.{secrets.token_hex(8)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(AESGCM.generate_key(bit_length=256))
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another worker was first: use its key
-        finally:
-            tmp.unlink()
-    owner_only(path, 0o600)
-    key = path.read_bytes()
-    if len(key) != 32:
-        raise ValueError(f"{path}: expected a 32-byte key, got {len(key)} bytes")
-    return key
+def cookie_key(keys: KeyStore) -> bytes:
+    """The console's 256-bit cookie key, sealed in the store like every other key (created on
+    first use; replicas and workers on one store find the same one, so each accepts the
+    sessions of the others). Raises ConfigError."""
+    (stored,), _ = keys.ensure(
+        CONSOLE_COOKIE,
+        lambda: [NewKey(kid="console-cookie", slot=ACTIVE, secret=AESGCM.generate_key(256))],
+    )
+    if len(stored.secret) != 32:
+        raise ConfigError(f"the store's console cookie key is {len(stored.secret)} bytes, not 32")
+    return stored.secret
 
 
 class Sealer:

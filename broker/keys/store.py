@@ -23,7 +23,9 @@ from broker.store.db import Store
 from broker.store.tables import KeyRingRow, KeyRow
 
 JWT, AUDIT_SIGNING, AUDIT_HMAC, DEV_ISSUER = "jwt", "audit-signing", "audit-hmac", "dev-issuer"
-PURPOSES = (JWT, AUDIT_SIGNING, AUDIT_HMAC, DEV_ISSUER)
+CONSOLE_COOKIE = "console-cookie"
+"""The console's AES-256-GCM key for its session and sign-in cookies (``broker.console``)."""
+PURPOSES = (JWT, AUDIT_SIGNING, AUDIT_HMAC, DEV_ISSUER, CONSOLE_COOKIE)
 ACTIVE = "active"
 """The slot of a purpose that has one key."""
 NEXT, CURRENT, PREVIOUS = "next", "current", "previous"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from http.cookies import SimpleCookie
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from starlette.responses import Response
 
 from broker.console.session import (
@@ -18,10 +20,16 @@ from broker.console.session import (
     Cookies,
     LoginState,
     Sealer,
+    cookie_key,
     secure_cookies,
 )
+from broker.errors import ConfigError
+from broker.keys.store import CONSOLE_COOKIE
 from broker.runtime import Broker
+from broker.store.db import Store, sqlite_url
+from broker.store.tables import KeyRow
 from tests.console.support import console_of, csrf_of, open_request, sign_in
+from tests.keys.support import fresh_kek, key_store
 
 
 def _set_cookie(response: Response | object, name: str) -> dict[str, str | bool]:
@@ -183,3 +191,28 @@ def test_sign_out_ends_the_session_in_the_browser(web: TestClient) -> None:
     attrs = _set_cookie(out, SESSION_COOKIE)
     assert attrs["max-age"] == "0"
     assert web.get("/console/approvals").status_code == 303
+
+
+def test_the_cookie_key_is_sealed_in_the_store_and_shared_by_every_broker_on_it(
+    tmp_path: Path,
+) -> None:
+    store = Store(sqlite_url(tmp_path))
+    store.migrate()
+    try:
+        kek = fresh_kek()
+        first = cookie_key(key_store(store, kek))
+        # Another replica (its own KeyStore, the same KEK) finds the same key: sessions sealed
+        # on one open on the other.
+        assert cookie_key(key_store(store, kek)) == first
+        now = time.time()
+        sealed = Sealer(first).seal(b"console session", {"sub": "alice"}, int(now) + 60)
+        other = Sealer(cookie_key(key_store(store, kek)))
+        assert (other.open(b"console session", sealed, now) or {}).get("sub") == "alice"
+        with store.read() as session:
+            (row,) = session.scalars(select(KeyRow).where(KeyRow.purpose == CONSOLE_COOKIE))
+        assert first not in row.sealed  # never in clear
+        with pytest.raises(ConfigError, match="does not open"):
+            cookie_key(key_store(store, fresh_kek("another KEK")))
+        assert not list(tmp_path.glob("console*"))  # no key file in the data dir
+    finally:
+        store.close()

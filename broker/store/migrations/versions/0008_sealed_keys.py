@@ -17,7 +17,7 @@ down_revision = "0007"
 branch_labels = None
 depends_on = None
 
-PURPOSES = ("jwt", "audit-signing", "audit-hmac", "dev-issuer")
+PURPOSES = ("jwt", "audit-signing", "audit-hmac", "dev-issuer", "console-cookie")
 
 
 def upgrade() -> None:
