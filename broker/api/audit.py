@@ -5,16 +5,20 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 
 from broker.api.deps import BrokerDep, PersonDep, require_role
+from broker.audit.scope import ModelScope
+from broker.audit.scoped import export_scoped
+from broker.bounds import shown
 from broker.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 MAX_ENTRIES = 1000
+MAX_GLOBS = 20
 
 
 def _b64(data: bytes) -> str:
@@ -76,3 +80,19 @@ def consistency(
     with broker.store.read() as session:
         proof = broker.audit.consistency_proof(session, from_, to)
     return {"from": from_, "to": to, "proof": [_b64(h) for h in proof]}
+
+
+@router.get("/export")
+def export(
+    broker: BrokerDep, person: PersonDep, model: Annotated[list[str], Query(min_length=1)]
+) -> dict[str, Any]:
+    """A scoped export (broker.audit.scoped) of the entries of the models ``model`` matches,
+    for ``broker audit verify --export``; a checkpoint of the whole log is signed first."""
+    require_role(person, "auditor", "admin")
+    if len(model) > MAX_GLOBS or any(not m or len(m) > 200 for m in model):
+        raise InvalidRequest(
+            f"model: expected 1 to {MAX_GLOBS} globs of 1 to 200 characters, got "
+            f"{', '.join(shown(m) for m in model[:MAX_GLOBS])}"
+        )
+    with broker.store.write() as session:
+        return export_scoped(session, broker.audit, ModelScope(model))

@@ -1,0 +1,51 @@
+"""A policy for delegated (vendor) administration: the example policy plus a vendor's model,
+the vendor's pipeline rule and the customer's own rollback workflow, for issue 17's tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from broker.settings import EXAMPLE_POLICY
+
+VENDOR_SUB = "repo:vendor/pipeline:ref:refs/heads/main"
+OWNER_SUB = "repo:acme/rollback:ref:refs/heads/main"
+VENDOR_MODEL = "vendor-llm"
+
+_MODELS = """
+  vendor-llm:
+    owners: [ml-platform]
+  vendor-tts:
+    owners: [ml-platform]
+"""
+
+_RULES = """
+  - name: dev-vendor-pipeline
+    issuer: dev
+    subject: "repo:vendor/pipeline:ref:refs/heads/main"
+    models: ["vendor-*"]
+    actions: [evaluate]
+  - name: dev-owner-rollback
+    issuer: dev
+    subject: "repo:acme/rollback:ref:refs/heads/main"
+    models: ["vendor-*", llama-7b]
+    actions: [evaluate]
+"""
+
+
+def vendor_policy(directory: Path, *, actions: str = "", roles: str = "") -> Path:
+    """The example policy with the vendor's models and rules, extra ``actions`` lines (YAML,
+    two-space indented) and ``roles`` lines replacing the example's; written to
+    ``directory/policy.yaml``."""
+    text = EXAMPLE_POLICY.read_text().replace(
+        "jwks_file: keys/", f"jwks_file: {EXAMPLE_POLICY.parent}/keys/"
+    )
+    text = text.replace("\nmodels:\n", "\nmodels:" + _MODELS, 1)
+    text = text.replace("\nrules:\n", "\nrules:" + _RULES, 1)
+    if actions:
+        text = text.replace("\nactions:\n", "\nactions:\n" + actions, 1)
+    if roles:
+        block = text[text.index("\nroles:") : text.index("\n\n", text.index("\nroles:"))]
+        text = text.replace(block, "\nroles:\n" + roles.rstrip("\n"), 1)
+    path = directory / "policy.yaml"
+    path.write_text(text)
+    return path
