@@ -18,12 +18,20 @@ _MODELS = """
     owners: [ml-platform]
 """
 
+_ACTIONS = """
+  hotfix:
+    tier: privileged
+    max_ttl: 1h
+    approvals: 2
+    emergency: {ttl_cap: 10m, ratify_within: 1h, max_per_identity: 2 per 24h}
+"""
+
 _RULES = """
   - name: dev-vendor-pipeline
     issuer: dev
     subject: "repo:vendor/pipeline:ref:refs/heads/main"
     models: ["vendor-*"]
-    actions: [evaluate]
+    actions: [evaluate, hotfix, fine-tune]
   - name: dev-owner-rollback
     issuer: dev
     subject: "repo:acme/rollback:ref:refs/heads/main"
@@ -32,17 +40,24 @@ _RULES = """
 """
 
 
-def vendor_policy(directory: Path, *, actions: str = "", roles: str = "") -> Path:
-    """The example policy with the vendor's models and rules, extra ``actions`` lines (YAML,
-    two-space indented) and ``roles`` lines replacing the example's; written to
+def vendor_policy(
+    directory: Path, *, actions: str = "", roles: str = "", webhook: str | None = None
+) -> Path:
+    """The example policy with the vendor's models, actions and rules, extra ``actions`` lines
+    (YAML, two-space indented), ``roles`` lines replacing the example's, and a webhook to the
+    URL ``webhook`` (secret in ``directory/webhook-secret``); written to
     ``directory/policy.yaml``."""
     text = EXAMPLE_POLICY.read_text().replace(
         "jwks_file: keys/", f"jwks_file: {EXAMPLE_POLICY.parent}/keys/"
     )
     text = text.replace("\nmodels:\n", "\nmodels:" + _MODELS, 1)
     text = text.replace("\nrules:\n", "\nrules:" + _RULES, 1)
-    if actions:
-        text = text.replace("\nactions:\n", "\nactions:\n" + actions, 1)
+    text = text.replace("\nactions:\n", "\nactions:\n" + actions + _ACTIONS.lstrip("\n"), 1)
+    if webhook:
+        hook = (
+            f"  webhook: {{url: '{webhook}', secret_file: webhook-secret, timeout: 2s, retries: 1}}"
+        )
+        text = text.replace("  # webhook: {url:", hook + "\n  # was:", 1)
     if roles:
         block = text[text.index("\nroles:") : text.index("\n\n", text.index("\nroles:"))]
         text = text.replace(block, "\nroles:\n" + roles.rstrip("\n"), 1)

@@ -253,40 +253,49 @@ class ApprovalService:
                 )
                 if state in (ApprovalState.PENDING, ApprovalState.APPROVED):
                     return self._view(session, row, now, compare=True), False
-            row = ApprovalRow(
-                id=_new_id(),
-                status=ApprovalState.PENDING,
-                binding=digest,
-                bound=binding.as_dict(),
-                issuer=binding.issuer,
-                subject=binding.subject,
-                model=binding.model,
-                action=binding.action,
-                backend=binding.backend,
-                tier=decision.tier,
-                rule=decision.rule or "",
-                approvals_required=decision.approvals_required,
-                rollback_required=decision.rollback_required,
-                created_at=now,
-                expires_at=now + dt.timedelta(seconds=self.settings.pending_ttl),
-            )
-            session.add(row)
-            self.audit.append(
-                session,
-                "approval.requested",
-                now,
-                {
-                    "approval_id": row.id,
-                    "binding": digest,
-                    "request": binding.as_dict(),
-                    "approvals_required": row.approvals_required,
-                    "tier": row.tier,
-                },
-            )
-            session.flush()
-            view = self._view(session, row, now, compare=True)
+            view = self.open_in(session, decision, binding, now)
         self._notify("approval.requested", view)
         return view, True
+
+    def open_in(
+        self, session: Session, decision: Decision, binding: Binding, now: dt.datetime
+    ) -> dict[str, Any]:
+        """Open a new request for ``binding`` in ``session``'s transaction (its
+        ``approval.requested`` event with it) and return its view; the caller notifies
+        (:meth:`notify`) once the transaction committed."""
+        digest = binding.digest()
+        row = ApprovalRow(
+            id=_new_id(),
+            status=ApprovalState.PENDING,
+            binding=digest,
+            bound=binding.as_dict(),
+            issuer=binding.issuer,
+            subject=binding.subject,
+            model=binding.model,
+            action=binding.action,
+            backend=binding.backend,
+            tier=decision.tier,
+            rule=decision.rule or "",
+            approvals_required=decision.approvals_required,
+            rollback_required=decision.rollback_required,
+            created_at=now,
+            expires_at=now + dt.timedelta(seconds=self.settings.pending_ttl),
+        )
+        session.add(row)
+        self.audit.append(
+            session,
+            "approval.requested",
+            now,
+            {
+                "approval_id": row.id,
+                "binding": digest,
+                "request": binding.as_dict(),
+                "approvals_required": row.approvals_required,
+                "tier": row.tier,
+            },
+        )
+        session.flush()
+        return self._view(session, row, now, compare=True)
 
     # --- using ---------------------------------------------------------------------------------
 
@@ -501,6 +510,14 @@ class ApprovalService:
                 self._settle_expiry(session, row, now)
                 expired += row.status != before
         return expired
+
+    def view_in(self, session: Session, row: ApprovalRow) -> dict[str, Any]:
+        """The API's view of ``row``, read in ``session``."""
+        return self._view(session, row, self.clock())
+
+    def notify(self, event: str, view: dict[str, Any]) -> None:
+        """Send ``event`` about ``view`` to the webhook (if one is configured)."""
+        self._notify(event, view)
 
     def _notify(self, event: str, view: dict[str, Any]) -> None:
         if self.notifier is not None:

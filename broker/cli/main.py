@@ -251,6 +251,8 @@ def cmd_token_exchange(args: argparse.Namespace) -> int:
     token = _token_source(args.token, "--token")
     ttl = _ttl(args.ttl) if args.ttl else None
     approval_id = args.approval_id
+    if args.emergency and (args.wait or approval_id):
+        raise ConfigError("--emergency is reviewed after the fact: no --wait, no --approval-id")
     if args.wait:
         timeout = _timeout(args.timeout)
         if approval_id is None:
@@ -268,7 +270,15 @@ def cmd_token_exchange(args: argparse.Namespace) -> int:
         lineage=args.lineage,
         approval_id=approval_id,
         requested_ttl=str(ttl) if ttl else None,
+        emergency="true" if args.emergency else None,
     )
+    if "emergency" in result:
+        said = result["emergency"]
+        print(
+            f"EMERGENCY use recorded: approval {said['approval_id']} must be approved by "
+            f"{said['ratify_by']}",
+            file=sys.stderr,
+        )
     _exchange_out(args, result)
     return EXIT_OK
 
@@ -999,6 +1009,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lineage", help="JSON: datasets, weights, prompts, rollback_point")
     p.add_argument("--approval-id")
     p.add_argument("--ttl", help="requested lifetime (capped by the action's max_ttl)")
+    p.add_argument(
+        "--emergency",
+        action="store_true",
+        help="break-glass, where the policy allows it: issued now with a capped lifetime, "
+        "loudly, and reviewed after (needs --reason)",
+    )
     p.add_argument(
         "--wait",
         action="store_true",

@@ -7,6 +7,7 @@ dropped unseen and the caller gets 503. Every attempt, allowed or denied, is an 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -48,6 +49,7 @@ from broker.errors import (
     NotFound,
     TokenReplayed,
 )
+from broker.grants.emergency import EmergencyUses
 from broker.grants.lineage import lineage_datasets, parse_lineage
 from broker.grants.model import Grant, GrantStatus
 from broker.grants.revocation import Revocations
@@ -98,6 +100,8 @@ class ExchangeRequest:
     lineage: str | None = None
     approval_id: str | None = None
     requested_ttl: int | None = None
+    emergency: bool = False
+    """Break-glass: issue now, review after (broker.grants.emergency)."""
 
     def __repr__(self) -> str:
         return f"ExchangeRequest(model={self.model!r}, action={self.action!r})"
@@ -107,6 +111,8 @@ class ExchangeRequest:
 class ExchangeResult:
     grant: Grant
     credential: Credential
+    emergency: dict[str, Any] | None = None
+    """For a break-glass use: its review request and deadline (broker.grants.emergency)."""
 
 
 @dataclass(slots=True)
@@ -158,6 +164,9 @@ class GrantService:
         self.approvals = approvals
         self.revocations = Revocations(
             store=store, audit=audit, backends=lambda: self.backends, clock=clock
+        )
+        self.emergency = EmergencyUses(
+            policy=policy, store=store, audit=audit, approvals=approvals, clock=clock
         )
         self.policy = policy
         self.verifier = verifier
@@ -288,7 +297,21 @@ class GrantService:
         decision, lineage = self.decide(identity, req, backend.name)
         approval_id = None
         binding = None
-        if decision.outcome is Outcome.APPROVAL_REQUIRED:
+        grant_id = _new_grant_id()
+        emergency = None
+        if req.emergency:
+            emergency, decision = self.emergency.admit(
+                decision, _clean_reason(req.reason), req.approval_id
+            )
+            binding = dataclasses.replace(
+                self.binding(identity, req, decision, lineage), emergency_grant=grant_id
+            )
+            audience = binding.audience
+            with self.store.read() as session:  # refused early; counted again when recorded
+                self.emergency.check_cap(
+                    session, identity.issuer_name, identity.subject, emergency, self.clock()
+                )
+        elif decision.outcome is Outcome.APPROVAL_REQUIRED:
             # NOTE: the binding holds the audience and TTL, so both are settled before the
             # approval is looked at: an approval covers exactly the credential issued.
             binding = self.binding(identity, req, decision, lineage)
@@ -299,7 +322,7 @@ class GrantService:
         now = self.clock().replace(microsecond=0)
         claims: dict[str, Any] = {**identity.attributes, **decision.matched_claims}
         grant = Grant(
-            id=_new_grant_id(),
+            id=grant_id,
             issuer=identity.issuer_name,
             issuer_url=identity.issuer,
             subject=identity.subject,
@@ -347,25 +370,45 @@ class GrantService:
                 grant_id=grant.id,
             )
 
+        used: dict[str, Any] = {}
+
+        def commit_emergency(session: Session, credential: Credential) -> None:
+            """A break-glass grant: its events, its count and its review, in one transaction."""
+            assert emergency is not None and binding is not None
+            data = {**allowed, "credential_ref": credential.credential_ref, "emergency": True}
+            self.audit.append(session, "exchange.allowed", now, data, grant_id=grant.id)
+            used.update(self.emergency.record(session, grant, decision, binding, emergency, now))
+
         def event(credential: Credential) -> NewEvent:
             data = {**allowed, "credential_ref": credential.credential_ref}
             return NewEvent("exchange.allowed", now, data, grant.id)
 
+        committer = commit_emergency if emergency is not None else commit
+        own_transaction = approval_id is not None or emergency is not None
         if backend.external:
-            approved = commit if approval_id is not None else None
-            return self._issue_external(grant, identity, backend, attempt, event, approved)
+            approved = committer if own_transaction else None
+            result = self._issue_external(grant, identity, backend, attempt, event, approved)
+            return self._announced(result, used)
         credential = backend.issue(grant)
         row = _grant_values(grant, identity, credential.credential_ref, GrantStatus.ACTIVE)
-        if approval_id is not None:
+        if own_transaction:
             with self.store.write() as session:
                 conn = session.connection()
                 self._consume(conn, identity)
                 conn.execute(_INSERT_GRANT, row)
-                commit(session, credential)
-            return ExchangeResult(grant=grant, credential=credential)
+                committer(session, credential)
+            return self._announced(ExchangeResult(grant=grant, credential=credential), used)
         # The common case: committed together with the other exchanges waiting meanwhile.
         yield _ExchangeWrite(event(credential), _spend(identity), row)
         return ExchangeResult(grant=grant, credential=credential)
+
+    def _announced(self, result: ExchangeResult, used: dict[str, Any]) -> ExchangeResult:
+        """``result``, announced as a break-glass use when ``used`` holds one (committed)."""
+        if not used:
+            return result
+        self.emergency.announce(used)
+        answer = {k: used[k] for k in ("approval_id", "ratify_by", "ttl_seconds")}
+        return dataclasses.replace(result, emergency=answer)
 
     def _issue_external(
         self,

@@ -107,11 +107,45 @@ class IssuerConfig(_Strict):
         return "oidc"
 
 
+_RATE = re.compile(r"^\s*(\d+)\s+per\s+(\S+)\s*$")
+
+
+def _parse_rate(value: object) -> object:
+    """``"2 per 24h"`` → ``{"count": 2, "per": "24h"}``; a mapping is left to the model."""
+    if isinstance(value, str):
+        m = _RATE.match(value)
+        if not m:
+            raise ValueError(
+                f"expected '<count> per <duration>' such as '2 per 24h', got {value!r}"
+            )
+        return {"count": int(m.group(1)), "per": m.group(2)}
+    return value
+
+
+class EmergencyRate(_Strict):
+    """At most ``count`` emergency uses by one identity within any ``per`` seconds."""
+
+    count: int = Field(ge=1)
+    per: Duration
+
+
+class EmergencyConfig(_Strict):
+    """Break-glass use of an action that needs approval: issued at once, reviewed after."""
+
+    ttl_cap: Duration
+    """The credential's lifetime is at most this (and at most the action's max_ttl)."""
+    ratify_within: Duration
+    """Approvers must approve the use (as the tier says) within this, or it is flagged."""
+    max_per_identity: Annotated[EmergencyRate, BeforeValidator(_parse_rate)]
+
+
 class ActionConfig(_Strict):
     tier: Tier
     max_ttl: Duration
     approvals: int = Field(default=0, ge=0)
     rollback_tested: Literal["required"] | None = None
+    emergency: EmergencyConfig | None = None
+    """Break-glass use (docs/approvals.md "Break-glass"); none unless set."""
 
     @model_validator(mode="after")
     def _tier_consistency(self) -> ActionConfig:
@@ -121,6 +155,8 @@ class ActionConfig(_Strict):
             raise ValueError(f"a {self.tier} action needs approvals: 1 or more")
         if self.rollback_tested and self.tier != "privileged":
             raise ValueError("rollback_tested applies to privileged actions only")
+        if self.emergency is not None and self.tier == "low":
+            raise ValueError("emergency applies to actions that need approval; this one is low")
         return self
 
 
