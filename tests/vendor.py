@@ -24,7 +24,15 @@ _ACTIONS = """
     max_ttl: 1h
     approvals: 2
     emergency: {ttl_cap: 10m, ratify_within: 1h, max_per_identity: 2 per 24h}
+  rollback-weights: {tier: elevated, max_ttl: 30m, approvals: 1, rollback: true}
 """
+
+SCOPED_ROLES = """
+  approver: [ml-safety-reviewers, {group: vendor-reviewers, models: ["vendor-*"]}]
+  admin: [ml-platform-admins, {group: vendor-ops, models: ["vendor-*"]}]
+  auditor: [security-audit, {group: vendor-audit, models: ["vendor-*"]}]
+"""
+"""The customer's groups hold each role for every model; the vendor's for ``vendor-*`` only."""
 
 _RULES = """
   - name: dev-vendor-pipeline
@@ -36,7 +44,7 @@ _RULES = """
     issuer: dev
     subject: "repo:acme/rollback:ref:refs/heads/main"
     models: ["vendor-*", llama-7b]
-    actions: [evaluate]
+    actions: [evaluate, rollback-weights]
 """
 
 
@@ -60,7 +68,7 @@ def vendor_policy(
         text = text.replace("  # webhook: {url:", hook + "\n  # was:", 1)
     if roles:
         block = text[text.index("\nroles:") : text.index("\n\n", text.index("\nroles:"))]
-        text = text.replace(block, "\nroles:\n" + roles.rstrip("\n"), 1)
+        text = text.replace(block, "\nroles:\n" + roles.strip("\n"), 1)
     path = directory / "policy.yaml"
     path.write_text(text)
     return path

@@ -13,7 +13,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from broker.api.deps import BrokerDep, PersonDep, WorkloadDep, authenticate_any, require_role
+from broker.api.deps import (
+    BrokerDep,
+    PersonDep,
+    WorkloadDep,
+    authenticate_any,
+    model_access,
+    require_model,
+)
 from broker.backends.base import TOKEN_TYPE_JWT
 from broker.errors import Forbidden, InvalidRequest
 from broker.grants.service import ExchangeRequest
@@ -81,15 +88,19 @@ def list_requests(
     model: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    require_role(person, *READERS)
-    return {"approvals": broker.approvals.find(status=status, model=model, limit=limit)}
+    access = model_access(broker, person, *READERS)
+    if model:
+        require_model(access, person, model)
+    models = access.models_in(broker.policy.policy.models)
+    found = broker.approvals.find(status=status, model=model, limit=limit, models=models)
+    return {"approvals": found}
 
 
 @router.get("/approvals/{approval_id}")
 def show_request(approval_id: str, broker: BrokerDep, caller: AnyCallerDep) -> dict[str, Any]:
     view = broker.approvals.get(approval_id)
     if isinstance(caller, Person):
-        require_role(caller, *READERS)
+        require_model(model_access(broker, caller, *READERS), caller, view["model"])
     elif (caller.issuer_name, caller.subject) != (
         view["requester"]["issuer"],
         view["requester"]["subject"],
@@ -102,14 +113,16 @@ def show_request(approval_id: str, broker: BrokerDep, caller: AnyCallerDep) -> d
 def approve(
     approval_id: str, body: ReviewBody, broker: BrokerDep, person: PersonDep
 ) -> dict[str, Any]:
-    return broker.approvals.review(approval_id, person, "approve", body.reason)
+    access = model_access(broker, person, "approver")
+    return broker.approvals.review(approval_id, person, "approve", body.reason, access)
 
 
 @router.post("/approvals/{approval_id}/deny")
 def deny(
     approval_id: str, body: ReviewBody, broker: BrokerDep, person: PersonDep
 ) -> dict[str, Any]:
-    return broker.approvals.review(approval_id, person, "deny", body.reason)
+    access = model_access(broker, person, "approver")
+    return broker.approvals.review(approval_id, person, "deny", body.reason, access)
 
 
 @router.post("/approvals/{approval_id}/cancel")
@@ -122,5 +135,5 @@ def cancel(
 @router.get("/lineage/{model}", tags=["lineage"])
 def lineage(model: str, broker: BrokerDep, person: PersonDep, limit: int = 100) -> dict[str, Any]:
     """Every grant for a model-altering action on ``model``: who, when, approvals, lineage."""
-    require_role(person, *READERS)
+    require_model(model_access(broker, person, *READERS), person, model)
     return {"model": model, "history": broker.grants.lineage(model, limit=limit)}

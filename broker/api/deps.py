@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from broker.errors import Forbidden, IdentityRejected, Unauthenticated
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import MAX_TOKEN_BYTES
+from broker.policy.roles import ModelAccess, access_for
 from broker.runtime import Broker
 
 T = TypeVar("T")
@@ -91,4 +92,28 @@ def require_role(person: Person, *roles: str) -> None:
         raise Forbidden(
             f"{person.subject} of issuer {person.issuer_name} needs role {' or '.join(roles)}; "
             f"has {sorted(person.roles) or 'none'}"
+        )
+
+
+def model_access(broker: Broker, person: Person, *roles: str) -> ModelAccess:
+    """Which models ``person`` may act on with ``roles``: THE decision of delegated
+    administration (broker.policy.roles), asked by every admin, approver and auditor route
+    and meant for every other front end (the console). 403 without any of the roles."""
+    require_role(person, *roles)
+    return access_for(broker.policy.policy, person, *roles)
+
+
+def require_model(access: ModelAccess, person: Person, model: str) -> None:
+    """403 unless ``access`` covers ``model``."""
+    refusal = access.refuses(model)
+    if refusal is not None:
+        raise Forbidden(f"{person.subject} of issuer {person.issuer_name} {refusal}")
+
+
+def require_unscoped(access: ModelAccess, person: Person, what: str) -> None:
+    """403 unless ``access`` covers every model: ``what`` concerns all of them."""
+    if not access.unscoped:
+        raise Forbidden(
+            f"{person.subject} of issuer {person.issuer_name} holds {access.describe()}; "
+            f"{what} needs the role for every model"
         )

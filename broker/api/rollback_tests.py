@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 
 from broker.api.approvals import READERS
-from broker.api.deps import BrokerDep, PersonDep, WorkloadDep, require_role
+from broker.api.deps import BrokerDep, PersonDep, WorkloadDep, model_access, require_model
 from broker.approvals.rollback_tests import ROLLBACK_TEST, Authorise
 from broker.backends.base import TOKEN_TYPE_JWT
 from broker.grants.service import ExchangeRequest, GrantService
@@ -50,5 +50,9 @@ def list_tests(
     limit: int = 100,
 ) -> dict[str, Any]:
     """Recorded rollback tests, newest first."""
-    require_role(person, *READERS)
-    return {"rollback_tests": broker.rollback_tests.find(model=model, uri=uri, limit=limit)}
+    access = model_access(broker, person, *READERS)
+    if model:
+        require_model(access, person, model)
+    models = access.models_in(broker.policy.policy.models)
+    found = broker.rollback_tests.find(model=model, uri=uri, limit=limit, models=models)
+    return {"rollback_tests": found}

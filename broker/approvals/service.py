@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select, update
@@ -29,6 +29,7 @@ from broker.errors import BrokerError, Conflict, Forbidden, InvalidRequest, NotF
 from broker.identity.types import Person, WorkloadIdentity
 from broker.policy import Decision, LoadedPolicy
 from broker.policy.engine import claim_text
+from broker.policy.roles import ModelAccess, may_interfere
 from broker.store.db import Store
 from broker.store.tables import ApprovalRow, ReviewRow
 
@@ -207,10 +208,18 @@ class ApprovalService:
             return self._view(session, row, self.clock(), compare=True)
 
     def find(
-        self, *, status: str | None = None, model: str | None = None, limit: int = 100
+        self,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+        models: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
+        """Requests, newest first; ``models`` (a scoped role's models) limits them."""
         now = self.clock()
         query = select(ApprovalRow).order_by(ApprovalRow.created_at.desc(), ApprovalRow.id)
+        if models is not None:
+            query = query.where(ApprovalRow.model.in_(list(models)))
         if model:
             query = query.where(ApprovalRow.model == model)
         if status and status not in set(ApprovalState):
@@ -384,10 +393,17 @@ class ApprovalService:
     # --- reviewing -----------------------------------------------------------------------------
 
     def review(
-        self, approval_id: str, person: Person, decision: str, reason: str
+        self,
+        approval_id: str,
+        person: Person,
+        decision: str,
+        reason: str,
+        access: ModelAccess | None = None,
     ) -> dict[str, Any]:
         """Record ``person``'s approve/deny. One deny resolves the request as denied; enough
-        distinct approvals resolve it as approved (once the rollback gate is satisfied)."""
+        distinct approvals resolve it as approved (once the rollback gate is satisfied).
+        With ``access`` (the reviewer's approver role): Forbidden for a model it does not
+        cover, and for a request of the owners' rollback path when it is scoped."""
         if decision not in ("approve", "deny"):
             raise InvalidRequest(f"decision: expected approve or deny, got {decision!r}")
         now = self.clock()
@@ -398,6 +414,8 @@ class ApprovalService:
                 raise Conflict(
                     f"approval {approval_id} is already {row.status}; the first resolution is final"
                 )
+            if access is not None:
+                self._check_reviewer(access, person, row)
             earlier = session.scalars(select(ReviewRow).where(ReviewRow.request_id == row.id)).all()
             refusal = review_refusal(
                 self.policy.policy,
@@ -510,6 +528,18 @@ class ApprovalService:
                 self._settle_expiry(session, row, now)
                 expired += row.status != before
         return expired
+
+    def _check_reviewer(self, access: ModelAccess, person: Person, row: ApprovalRow) -> None:
+        who = f"{person.subject} of issuer {person.issuer_name}"
+        refusal = access.refuses(row.model)
+        if refusal is not None:
+            raise Forbidden(f"{who} {refusal}")
+        if not may_interfere(access, self.policy.policy.actions.get(row.action)):
+            raise Forbidden(
+                f"{who} holds {access.describe()}: request {row.id} is for the owners' rollback "
+                f"path (action {row.action} of {row.model}), which only approvers for every "
+                "model review"
+            )
 
     def view_in(self, session: Session, row: ApprovalRow) -> dict[str, Any]:
         """The API's view of ``row``, read in ``session``."""

@@ -360,7 +360,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     result = _client(args, bearer=True).revoke_matching(
         args.reason, model=args.model, subject=args.subject, issuer=args.issuer
     )
-    _out(args, result, lambda: f"revoked {len(result['revoked'])} grant(s)")
+    said = f"revoked {len(result['revoked'])} grant(s)"
+    if result.get("spared"):
+        said += (
+            f"; spared {len(result['spared'])} of the owners' rollback path (your role is scoped)"
+        )
+    _out(args, result, lambda: said)
     return EXIT_OK
 
 

@@ -43,6 +43,7 @@ from broker.errors import (
     BrokerError,
     Conflict,
     ExchangeFailed,
+    Forbidden,
     IdentityRejected,
     InvalidRequest,
     InvalidTarget,
@@ -56,6 +57,8 @@ from broker.grants.revocation import Revocations
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import LEEWAY_SECONDS, Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
+from broker.policy.model import ActionConfig
+from broker.policy.roles import ModelAccess, may_interfere
 from broker.store.db import GroupCommit, Steps, Store
 from broker.store.tables import GrantRow, UsedTokenRow
 
@@ -582,10 +585,14 @@ class GrantService:
         subject: str | None = None,
         status: str | None = None,
         limit: int = 100,
+        models: Sequence[str] | None = None,
     ) -> list[Grant]:
-        """Grants, newest first, filtered; ``status`` is active, expired or revoked."""
+        """Grants, newest first, filtered; ``status`` is active, expired or revoked;
+        ``models`` (a scoped role's models) limits them to those models."""
         now = self.clock()
         query = select(GrantRow).order_by(GrantRow.issued_at.desc(), GrantRow.id)
+        if models is not None:
+            query = query.where(GrantRow.model.in_(list(models)))
         if model:
             query = query.where(GrantRow.model == model)
         if subject:
@@ -627,14 +634,20 @@ class GrantService:
 
     # --- revocation ----------------------------------------------------------------------------
 
-    def revoke(self, grant_id: str, actor: Person, reason: str) -> Grant:
+    def revoke(
+        self, grant_id: str, actor: Person, reason: str, access: ModelAccess | None = None
+    ) -> Grant:
         """Revoke one active grant and tell its backend. Conflict when it is not active.
-        A revoked grant is never re-activated: rows are only updated ``WHERE status='active'``."""
+        A revoked grant is never re-activated: rows are only updated ``WHERE status='active'``.
+        With ``access`` (the actor's admin role, broker.policy.roles): Forbidden for a model it
+        does not cover, and for the owners' rollback path when it is scoped."""
         now = self.clock()
         with self.store.write() as session:
             row = session.get(GrantRow, grant_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"grant {shown(grant_id)} not found")
+            if access is not None:
+                self._check_revoker(access, actor, row)
             current = Grant.from_row(row, now)
             if current.status is not GrantStatus.ACTIVE:
                 when = current.revoked_at or current.expires_at
@@ -651,10 +664,17 @@ class GrantService:
         model: str | None = None,
         subject: str | None = None,
         issuer: str | None = None,
+        access: ModelAccess | None = None,
+        spared: list[str] | None = None,
     ) -> list[str]:
-        """Bulk revocation of every active grant of a model, subject or issuer (name)."""
+        """Bulk revocation of every active grant of a model, subject or issuer (name).
+        NOTE: with a scoped ``access`` (the actor's admin role) it never reaches a model the
+        scope does not cover (Forbidden when ``model`` is one), and it spares the owners'
+        rollback grants, whose ids it adds to ``spared``."""
         if [model, subject, issuer].count(None) != 2:
             raise InvalidRequest("give exactly one of model, subject and issuer")
+        if access is not None and model is not None and (refusal := access.refuses(model)):
+            raise Forbidden(f"{actor.subject} of issuer {actor.issuer_name} {refusal}")
         now = self.clock()
         column, value = next(
             (c, v)
@@ -666,13 +686,36 @@ class GrantService:
             if v is not None
         )
         query = select(GrantRow).where(column == value, _status_clause("active", now))
+        covered = access.models_in(self.policy.policy.models) if access is not None else None
+        if covered is not None:
+            query = query.where(GrantRow.model.in_(covered))
         with self.store.write() as session:
             rows = list(session.scalars(query.with_for_update()))
+            if access is not None:
+                kept = [r for r in rows if not may_interfere(access, self._action(r.action))]
+                rows = [r for r in rows if r not in kept]
+                if spared is not None:
+                    spared += [r.id for r in kept]
             for row in rows:
                 self._mark_revoked(session, row, actor, reason, now)
             ids = [row.id for row in rows]
         self.revocations.process(ids)
         return ids
+
+    def _action(self, name: str) -> ActionConfig | None:
+        return self.policy.policy.actions.get(name)
+
+    def _check_revoker(self, access: ModelAccess, actor: Person, row: GrantRow) -> None:
+        who = f"{actor.subject} of issuer {actor.issuer_name}"
+        refusal = access.refuses(row.model)
+        if refusal is not None:
+            raise Forbidden(f"{who} {refusal}")
+        if not may_interfere(access, self._action(row.action)):
+            raise Forbidden(
+                f"{who} holds {access.describe()}: grant {row.id} is the owners' rollback path "
+                f"(action {row.action} of {row.model}), which only an admin for every model "
+                "may revoke"
+            )
 
     def _mark_revoked(
         self, session: Session, row: GrantRow, actor: Person, reason: str, now: dt.datetime

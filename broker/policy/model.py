@@ -146,6 +146,9 @@ class ActionConfig(_Strict):
     rollback_tested: Literal["required"] | None = None
     emergency: EmergencyConfig | None = None
     """Break-glass use (docs/approvals.md "Break-glass"); none unless set."""
+    rollback: bool = False
+    """The owners' rollback path: admins and approvers scoped to models cannot revoke its
+    grants nor review its requests (docs/approvals.md "Delegated administration")."""
 
     @model_validator(mode="after")
     def _tier_consistency(self) -> ActionConfig:
@@ -317,6 +320,18 @@ class IdentityRef(_Strict):
         return self
 
 
+class ScopedRoleGroup(_Strict):
+    """A group whose role covers some models only (``{group: vendor-ops, models: [vendor-*]}``):
+    delegated administration, docs/policy.md "roles"."""
+
+    group: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    """Globs (docs/policy.md "Globs") of the models the role covers."""
+
+
+RoleGroup = str | ScopedRoleGroup
+
+
 class Policy(_Strict):
     """A validated policy file.
 
@@ -328,7 +343,9 @@ class Policy(_Strict):
     actions: dict[str, ActionConfig] = Field(min_length=1)
     models: dict[str, ModelConfig] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list)
-    roles: dict[RoleName, list[str]] = Field(default_factory=dict)
+    roles: dict[RoleName, list[RoleGroup]] = Field(default_factory=dict)
+    """Role → groups: a plain group holds the role for every model, a ScopedRoleGroup for its
+    models only."""
     tiers: dict[Tier, TierConfig] = Field(default_factory=dict)
     approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
     people: dict[str, list[IdentityRef]] = Field(default_factory=dict)
