@@ -14,6 +14,8 @@ VENDOR_MODEL = "vendor-llm"
 _MODELS = """
   vendor-llm:
     owners: [ml-platform]
+    backends:
+      vault: {policy_paths: ["secret/data/models/vendor-llm/*"]}
   vendor-tts:
     owners: [ml-platform]
 """
@@ -40,6 +42,7 @@ _RULES = """
     subject: "repo:vendor/pipeline:ref:refs/heads/main"
     models: ["vendor-*"]
     actions: [evaluate, hotfix, fine-tune]
+    backends: [jwt, vault]
   - name: dev-owner-rollback
     issuer: dev
     subject: "repo:acme/rollback:ref:refs/heads/main"

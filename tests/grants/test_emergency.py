@@ -16,6 +16,7 @@ from sqlalchemy import select
 from standardwebhooks import Webhook
 
 from broker.api.app import create_app
+from broker.backends.base import TOKEN_TYPE_VAULT, BackendRegistry
 from broker.cli.main import main
 from broker.runtime import Broker, build_broker
 from broker.settings import Settings
@@ -23,6 +24,7 @@ from broker.store.tables import EventRow, GrantRow
 from tests.approvals.test_webhook import Receiver, new_secret, receiver  # noqa: F401
 from tests.conftest import exchange_form, person_token
 from tests.faults import inserts_blocked
+from tests.grants.support import FakeBackend
 from tests.vendor import VENDOR_SUB, vendor_policy
 
 REASON = "INC-4711: the serving weights are corrupt"
@@ -250,3 +252,27 @@ def test_an_approved_review_covers_no_exchange(
         ),
     )
     assert again.status_code == 403 and again.json()["error"] == "approval_required"
+
+
+def test_an_external_backends_credential_is_revoked_when_the_use_cannot_be_recorded(
+    hooked: tuple[TestClient, Broker, Receiver, str],
+) -> None:
+    client, broker, _, _ = hooked
+    fake = FakeBackend()
+    broker.grants.backends = BackendRegistry(
+        {"jwt": broker.grants.backends.get("jwt"), "vault": fake}
+    )
+    issued = emergency(client, broker, requested_token_type=TOKEN_TYPE_VAULT)
+    assert issued.status_code == 200, issued.text
+    grant_id = issued.json()["grant_id"]
+    assert fake.live == {grant_id: f"ref-{grant_id}"}
+    assert str(broker.grants.get(grant_id).status) == "active"
+
+    with inserts_blocked(broker, "emergency_uses"):
+        refused = emergency(client, broker, requested_token_type=TOKEN_TYPE_VAULT)
+    assert refused.status_code == 503 and "access_token" not in refused.text
+    [failed] = [g for g in broker.grants.find() if g.id != grant_id]
+    assert str(failed.status) == "failed"
+    assert fake.live == {grant_id: f"ref-{grant_id}"}  # what it issued for the refusal is gone
+    assert (failed.id, f"ref-{failed.id}") in fake.revoked
+    assert len(events(broker, "emergency.used")) == 1
