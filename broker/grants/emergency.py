@@ -256,13 +256,15 @@ class EmergencyUses:
 
 
 def _use_of(row: EmergencyUseRow, approval: ApprovalRow | None) -> Use:
+    """The event (and webhook) body of a settled use; ``why`` says what its review came to."""
     status = approval.status if approval is not None else "missing"
-    why = {
-        "ratified": "approved in time",
-        "unratified": f"the review request is {status} at the deadline {rfc3339(row.ratify_by)}"
-        if status in (ApprovalState.PENDING, "missing")
-        else f"the review request ended {status} (deadline {rfc3339(row.ratify_by)})",
-    }[row.status]
+    deadline = rfc3339(row.ratify_by)
+    if row.status == "ratified":
+        why = "approved in time"
+    elif status in (ApprovalState.PENDING, "missing"):
+        why = f"the review request is {status} at the deadline {deadline}"
+    else:
+        why = f"the review request ended {status} (deadline {deadline})"
     return {
         "grant_id": row.grant_id,
         "approval_id": row.approval_id,

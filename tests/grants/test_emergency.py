@@ -174,17 +174,22 @@ def test_the_cap_per_identity_is_counted_in_the_store(tmp_path: Path) -> None:
     again.close()
 
 
+@pytest.mark.parametrize("table", ["events", "emergency_uses", "approval_requests"])
 def test_no_credential_when_the_use_cannot_be_recorded(
-    hooked: tuple[TestClient, Broker, Receiver, str],
+    hooked: tuple[TestClient, Broker, Receiver, str], table: str
 ) -> None:
-    client, broker, _, _ = hooked
-    with inserts_blocked(broker, "emergency_uses"):
+    """Its events, its count or its review request: any of them failing means no credential."""
+    client, broker, hook, _ = hooked
+    with inserts_blocked(broker, table):
         resp = emergency(client, broker)
     assert resp.status_code == 503 and "access_token" not in resp.text
     assert events(broker, "emergency.used", "approval.requested") == []
     assert [e for e in events(broker, "exchange.allowed") if e.get("emergency")] == []
     with broker.store.read() as s:
         assert s.scalars(select(GrantRow).where(GrantRow.action == "hotfix")).all() == []
+    assert broker.notifier is not None
+    broker.notifier.close()
+    assert hook.received == []  # nothing announced what did not happen
 
 
 def test_ratified_in_time_or_flagged(hooked: tuple[TestClient, Broker, Receiver, str]) -> None:
