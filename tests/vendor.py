@@ -47,7 +47,7 @@ _RULES = """
     issuer: dev
     subject: "repo:acme/rollback:ref:refs/heads/main"
     models: ["vendor-*", llama-7b]
-    actions: [evaluate, rollback-weights]
+    actions: [evaluate, rollback-weights, rollback-test]
 """
 
 
