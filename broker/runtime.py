@@ -29,6 +29,7 @@ from broker.backends.jwt import JwtBackend
 from broker.backends.keys import KeyRing
 from broker.dev.issuer import DevIssuer
 from broker.errors import BackendUnavailable, ConfigError
+from broker.grants.emergency import EmergencyUses
 from broker.grants.refusals import RefusalBudget
 from broker.grants.service import GrantService, utcnow
 from broker.identity.jwks import JWKSCache
@@ -62,6 +63,26 @@ class Metrics:
             "Time to answer POST /v1/token",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
+        )
+
+    def watch_emergencies(self, emergency: EmergencyUses) -> None:
+        """Count break-glass uses and those not ratified in time (broker.grants.emergency).
+        NOTE: a hook on its own, to move wherever the metrics live."""
+        used = Counter(
+            "broker_emergency_uses",
+            "Break-glass (emergency) issuances, by model and action",
+            ["model", "action"],
+            registry=self.registry,
+        )
+        unratified = Counter(
+            "broker_emergency_unratified",
+            "Emergency uses the maintenance round found not ratified in time",
+            ["model", "action"],
+            registry=self.registry,
+        )
+        emergency.on_used.append(lambda use: used.labels(use["model"], use["action"]).inc())
+        emergency.on_unratified.append(
+            lambda use: unratified.labels(use["model"], use["action"]).inc()
         )
 
     def watch_audit(self, audit: AuditLog, publisher: Publisher | None) -> None:
@@ -166,8 +187,9 @@ class Broker:
 
     def notices(self) -> dict[str, str]:
         """What is wrong but does not stop exchanges (``/readyz`` shows it and stays 200):
-        checkpoint publication that is behind or unprotected."""
-        return self.publisher.notices() if self.publisher is not None else {}
+        checkpoint publication that is behind or unprotected, emergency uses not ratified."""
+        notices = self.publisher.notices() if self.publisher is not None else {}
+        return {**notices, **self.grants.emergency.notices()}
 
     def maintain(self) -> None:
         """One round of housekeeping: expire grants and approvals, forget spent jtis of expired
@@ -180,6 +202,7 @@ class Broker:
         self.grants.expire_due()
         self.grants.purge_spent_tokens()
         self.approvals.expire_due()
+        self.grants.emergency.settle_due()
         revocations.settle_stuck(older_than_s=STUCK_ISSUING_S)
         revocations.process()
         now = time.monotonic()
@@ -375,6 +398,7 @@ def build_broker(settings: Settings) -> Broker:
     state = StateWatch(store, audit.integrity)
     metrics = Metrics()
     metrics.watch_audit(audit, publisher)
+    metrics.watch_emergencies(grants.emergency)
     with store.read() as session:
         audit.check(session)  # NOTE: before anything is appended; the verdict is cached
     with store.write() as session:
