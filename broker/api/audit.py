@@ -22,6 +22,9 @@ from broker.audit.scope import ModelScope
 from broker.audit.scoped import export_scoped
 from broker.bounds import shown
 from broker.errors import Forbidden, InvalidRequest
+from broker.identity.types import Person
+from broker.policy.roles import ModelAccess
+from broker.runtime import Broker
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 MAX_ENTRIES = 1000
@@ -91,17 +94,16 @@ def consistency(
     return {"from": from_, "to": to, "proof": [_b64(h) for h in proof]}
 
 
-@router.get("/export")
-def export(
-    broker: BrokerDep, person: PersonDep, model: Annotated[list[str], Query(min_length=1)]
+def export_of(
+    broker: Broker, person: Person, access: ModelAccess, model: list[str]
 ) -> dict[str, Any]:
-    """A scoped export (broker.audit.scoped) of the entries of the models ``model`` matches,
-    for ``broker audit verify --export``; a checkpoint of the whole log is signed first."""
-    access = model_access(broker, person, Permission.READ_AUDIT)
-    if len(model) > MAX_GLOBS or any(not m or len(m) > 200 for m in model):
+    """The scoped export of the models ``model`` (globs) matches, for ``person`` holding
+    ``access`` (their auditor role): the API's and the console's. Raises InvalidRequest for
+    bad globs, Forbidden for one that may reach a model ``access`` does not cover."""
+    if not model or len(model) > MAX_GLOBS or any(not m or len(m) > 200 for m in model):
         raise InvalidRequest(
             f"model: expected 1 to {MAX_GLOBS} globs of 1 to 200 characters, got "
-            f"{', '.join(shown(m) for m in model[:MAX_GLOBS])}"
+            f"{', '.join(shown(m) for m in model[:MAX_GLOBS]) or 'none'}"
         )
     beyond = [m for m in model if not access.covers_glob(m)]
     if beyond:
@@ -112,3 +114,12 @@ def export(
         )
     with broker.store.write() as session:
         return export_scoped(session, broker.audit, ModelScope(model))
+
+
+@router.get("/export")
+def export(
+    broker: BrokerDep, person: PersonDep, model: Annotated[list[str], Query(min_length=1)]
+) -> dict[str, Any]:
+    """A scoped export (broker.audit.scoped) of the entries of the models ``model`` matches,
+    for ``broker audit verify --export``; a checkpoint of the whole log is signed first."""
+    return export_of(broker, person, model_access(broker, person, Permission.READ_AUDIT), model)

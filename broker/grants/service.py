@@ -706,16 +706,29 @@ class GrantService:
         return self.policy.policy.actions.get(name)
 
     def _check_revoker(self, access: ModelAccess, actor: Person, row: GrantRow) -> None:
+        refused = self.revoke_refusal(
+            access, actor, grant_id=row.id, model=row.model, action=row.action
+        )
+        if refused is not None:
+            raise refused
+
+    def revoke_refusal(
+        self, access: ModelAccess, actor: Person, *, grant_id: str, model: str, action: str
+    ) -> Forbidden | None:
+        """Why :meth:`revoke` refuses ``actor`` (with ``access``, their admin role) the grant
+        ``grant_id`` of ``model`` and ``action``, or None: the model is not covered, or the
+        grant is the owners' rollback path and the role is scoped. What the console asks
+        before it offers a revoke button."""
         who = f"{actor.subject} of issuer {actor.issuer_name}"
-        refusal = access.refuses(row.model)
+        refusal = access.refuses(model)
         if refusal is not None:
-            raise Forbidden(f"{who} {refusal}")
-        if not may_interfere(access, self._action(row.action)):
-            raise Forbidden(
-                f"{who} holds {access.describe()}: grant {row.id} is the owners' rollback path "
-                f"(action {row.action} of {row.model}), which only an admin for every model "
-                "may revoke"
+            return Forbidden(f"{who} {refusal}")
+        if not may_interfere(access, self._action(action)):
+            return Forbidden(
+                f"{who} holds {access.describe()}: grant {grant_id} is the owners' rollback path "
+                f"(action {action} of {model}), which only an admin for every model may revoke"
             )
+        return None
 
     def _mark_revoked(
         self, session: Session, row: GrantRow, actor: Person, reason: str, now: dt.datetime
