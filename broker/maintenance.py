@@ -123,6 +123,8 @@ class Maintenance:
             self._sign_and_publish()
             self._singletons(self._backend_steps())
         self._follow()
+        if self.held is None:
+            broker.grants.emergency.refresh_notice()  # the holder's settle_due sets its own
         broker.state.round()
         if not broker.store.truncate_wal():
             log.info("the SQLite WAL could not be truncated (a reader is using it); next round")
@@ -132,6 +134,7 @@ class Maintenance:
         yield broker.grants.expire_due
         yield broker.grants.purge_spent_tokens
         yield broker.approvals.expire_due
+        yield broker.grants.emergency.settle_due
         yield lambda: broker.grants.revocations.settle_stuck(older_than_s=STUCK_ISSUING_S)
 
     def _backend_steps(self) -> Iterator[Callable[[], object]]:

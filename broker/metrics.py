@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,6 +31,9 @@ from broker.identity.jwks import JWKSCache
 from broker.policy.model import IssuerConfig
 from broker.store.db import Store
 from broker.store.tables import ApprovalRow, CheckpointRow, PublicationRow, RevocationRow
+
+if TYPE_CHECKING:
+    from broker.grants.emergency import EmergencyUses
 
 OTHER = "other"
 """The label value of a model, action or backend that the policy does not name."""
@@ -119,6 +123,32 @@ class Metrics:
         self.backend_seconds.labels(backend, operation).observe(seconds)
         if failed:
             self.backend_errors.labels(backend, operation).inc()
+
+    def watch_emergencies(self, emergency: EmergencyUses) -> None:
+        """Count break-glass uses and those the maintenance round found not ratified in time
+        (:mod:`broker.grants.emergency`); model and action as bounded as the exchanges'."""
+        used = Counter(
+            "broker_emergency_uses",
+            "Break-glass (emergency) issuances, by model and action",
+            ["model", "action"],
+            registry=self.registry,
+        )
+        unratified = Counter(
+            "broker_emergency_unratified",
+            "Emergency uses the maintenance round found not ratified in time",
+            ["model", "action"],
+            registry=self.registry,
+        )
+
+        def labels(use: Mapping[str, Any]) -> tuple[str, str]:
+            model, action = use["model"], use["action"]
+            return (
+                model if model in self._models else OTHER,
+                action if action in self._actions else OTHER,
+            )
+
+        emergency.on_used.append(lambda use: used.labels(*labels(use)).inc())
+        emergency.on_unratified.append(lambda use: unratified.labels(*labels(use)).inc())
 
     def watch_audit(self, audit: AuditLog, publisher: Publisher | None) -> None:
         """Export the audit log's integrity verdicts and publication backlog."""

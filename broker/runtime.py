@@ -88,8 +88,9 @@ class Broker:
 
     def notices(self) -> dict[str, str]:
         """What is wrong but does not stop exchanges (``/readyz`` shows it and stays 200):
-        checkpoint publication that is behind or unprotected."""
-        return self.publisher.notices() if self.publisher is not None else {}
+        checkpoint publication that is behind or unprotected, emergency uses not ratified."""
+        notices = self.publisher.notices() if self.publisher is not None else {}
+        return {**notices, **self.grants.emergency.notices()}
 
     def maintain(self) -> None:
         """One round of housekeeping (:meth:`broker.maintenance.Maintenance.round`): the
@@ -246,6 +247,7 @@ def build_broker(settings: Settings) -> Broker:
     state = StateWatch(store, audit.integrity)
     metrics.watch_audit(audit, publisher)
     metrics.watch_store(store, [target.name for target in targets])
+    metrics.watch_emergencies(grants.emergency)
     with store.read() as session:
         audit.check(session)  # NOTE: before anything is appended; the verdict is cached
     with store.write() as session:

@@ -8,7 +8,14 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.api.deps import BrokerDep, Permission, PersonDep, require
+from broker.api.deps import (
+    BrokerDep,
+    Permission,
+    PersonDep,
+    model_access,
+    require_model,
+    require_unscoped,
+)
 
 router = APIRouter(prefix="/v1", tags=["admin"])
 
@@ -35,32 +42,46 @@ def list_grants(
     status: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    require(person, Permission.READ_GRANTS)
-    grants = broker.grants.find(model=model, subject=subject, status=status, limit=limit)
-    return {"grants": [g.to_public() for g in grants]}
+    access = model_access(broker, person, Permission.READ_GRANTS)
+    if model:
+        require_model(access, person, model)
+    models = access.models_in(broker.policy.policy.models)
+    found = broker.grants.find(
+        model=model, subject=subject, status=status, limit=limit, models=models
+    )
+    return {"grants": [g.to_public() for g in found]}
 
 
 @router.get("/grants/{grant_id}")
 def show_grant(grant_id: str, broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
-    require(person, Permission.READ_GRANTS)
-    return broker.grants.get(grant_id).to_public()
+    access = model_access(broker, person, Permission.READ_GRANTS)
+    grant = broker.grants.get(grant_id)
+    require_model(access, person, grant.model)
+    return grant.to_public()
 
 
 @router.post("/grants/{grant_id}/revoke")
 def revoke_grant(
     grant_id: str, body: RevokeBody, broker: BrokerDep, person: PersonDep
 ) -> dict[str, Any]:
-    require(person, Permission.REVOKE_GRANTS)
-    return broker.grants.revoke(grant_id, person, body.reason).to_public()
+    access = model_access(broker, person, Permission.REVOKE_GRANTS)
+    return broker.grants.revoke(grant_id, person, body.reason, access).to_public()
 
 
 @router.post("/revocations")
 def bulk_revoke(body: BulkRevokeBody, broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
-    require(person, Permission.REVOKE_GRANTS)
+    access = model_access(broker, person, Permission.REVOKE_GRANTS)
+    spared: list[str] = []
     ids = broker.grants.revoke_matching(
-        actor=person, reason=body.reason, model=body.model, subject=body.subject, issuer=body.issuer
+        actor=person,
+        reason=body.reason,
+        model=body.model,
+        subject=body.subject,
+        issuer=body.issuer,
+        access=access,
+        spared=spared,
     )
-    return {"revoked": ids}
+    return {"revoked": ids, **({"spared": spared} if spared else {})}
 
 
 @router.post("/keys/rotate")
@@ -68,7 +89,8 @@ def rotate_keys(broker: BrokerDep, person: PersonDep) -> dict[str, Any]:
     """The published next key starts signing; the old current stays published as previous;
     the old previous is retired (tokens it signed stop verifying at relying parties that
     refresh their JWKS); a new next key is published."""
-    require(person, Permission.ROTATE_KEYS)
+    access = model_access(broker, person, Permission.ROTATE_KEYS)
+    require_unscoped(access, person, "rotating the signing key")
     new = broker.keys.new_key()
     with broker.store.write() as session:
         # One transaction: the keys move only if the event is recorded, and the event names

@@ -19,7 +19,8 @@ from broker.api.deps import (
     PersonDep,
     WorkloadDep,
     authenticate_any,
-    require,
+    model_access,
+    require_model,
 )
 from broker.backends.base import TOKEN_TYPE_JWT
 from broker.errors import Forbidden, InvalidRequest
@@ -87,15 +88,20 @@ def list_requests(
     model: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    require(person, Permission.READ_APPROVALS)
-    return {"approvals": broker.approvals.find(status=status, model=model, limit=limit)}
+    access = model_access(broker, person, Permission.READ_APPROVALS)
+    if model:
+        require_model(access, person, model)
+    models = access.models_in(broker.policy.policy.models)
+    found = broker.approvals.find(status=status, model=model, limit=limit, models=models)
+    return {"approvals": found}
 
 
 @router.get("/approvals/{approval_id}")
 def show_request(approval_id: str, broker: BrokerDep, caller: AnyCallerDep) -> dict[str, Any]:
     view = broker.approvals.get(approval_id)
     if isinstance(caller, Person):
-        require(caller, Permission.READ_APPROVALS)
+        access = model_access(broker, caller, Permission.READ_APPROVALS)
+        require_model(access, caller, view["model"])
     elif (caller.issuer_name, caller.subject) != (
         view["requester"]["issuer"],
         view["requester"]["subject"],
@@ -108,14 +114,16 @@ def show_request(approval_id: str, broker: BrokerDep, caller: AnyCallerDep) -> d
 def approve(
     approval_id: str, body: ReviewBody, broker: BrokerDep, person: PersonDep
 ) -> dict[str, Any]:
-    return broker.approvals.review(approval_id, person, "approve", body.reason)
+    access = model_access(broker, person, Permission.REVIEW_APPROVALS)
+    return broker.approvals.review(approval_id, person, "approve", body.reason, access)
 
 
 @router.post("/approvals/{approval_id}/deny")
 def deny(
     approval_id: str, body: ReviewBody, broker: BrokerDep, person: PersonDep
 ) -> dict[str, Any]:
-    return broker.approvals.review(approval_id, person, "deny", body.reason)
+    access = model_access(broker, person, Permission.REVIEW_APPROVALS)
+    return broker.approvals.review(approval_id, person, "deny", body.reason, access)
 
 
 @router.post("/approvals/{approval_id}/cancel")
@@ -128,5 +136,5 @@ def cancel(
 @router.get("/lineage/{model}", tags=["lineage"])
 def lineage(model: str, broker: BrokerDep, person: PersonDep, limit: int = 100) -> dict[str, Any]:
     """Every grant for a model-altering action on ``model``: who, when, approvals, lineage."""
-    require(person, Permission.READ_APPROVALS)
+    require_model(model_access(broker, person, Permission.READ_APPROVALS), person, model)
     return {"model": model, "history": broker.grants.lineage(model, limit=limit)}

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from broker.errors import Forbidden, IdentityRejected, Unauthenticated
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import MAX_TOKEN_BYTES
+from broker.policy.roles import ModelAccess, access_for
 from broker.runtime import Broker
 
 T = TypeVar("T")
@@ -89,14 +90,17 @@ def authenticate_any(request: Request, broker: BrokerDep) -> Person | WorkloadId
 
 class Permission(StrEnum):
     """What a person may be allowed to do. The API's routes and the console's pages both ask
-    :func:`permits` / :func:`require`: one place decides who may do what. Reviewing an
-    approval request is decided by the approval rules instead (``review_refusal``)."""
+    this module: :data:`ROLES` says which roles grant a permission, and the policy's role
+    groups (broker.policy.roles) say for which models (:func:`model_access`). Whether one
+    approver may review one request is then decided by the approval rules
+    (``ApprovalService.refusal``)."""
 
     READ_GRANTS = "read grants"
     REVOKE_GRANTS = "revoke grants"
     ROTATE_KEYS = "rotate signing keys"
     READ_AUDIT = "read the audit log"
     READ_APPROVALS = "read approval requests, lineage and rollback tests"
+    REVIEW_APPROVALS = "approve or deny approval requests"
 
 
 ROLES: dict[Permission, tuple[str, ...]] = {
@@ -105,12 +109,14 @@ ROLES: dict[Permission, tuple[str, ...]] = {
     Permission.ROTATE_KEYS: ("admin",),
     Permission.READ_AUDIT: ("auditor", "admin"),
     Permission.READ_APPROVALS: ("approver", "auditor", "admin"),
+    Permission.REVIEW_APPROVALS: ("approver",),
 }
-"""The roles that grant each permission (any one of them)."""
+"""The roles that grant each permission (any one of them), for the models their groups cover."""
 
 
 def permits(person: Person, permission: Permission) -> bool:
-    """Whether ``person`` holds ``permission``."""
+    """Whether ``person`` holds ``permission`` for at least one model (its scope:
+    :func:`scope`)."""
     return person.has_role(*ROLES[permission])
 
 
@@ -124,4 +130,33 @@ def require_role(person: Person, *roles: str) -> None:
         raise Forbidden(
             f"{person.subject} of issuer {person.issuer_name} needs role {' or '.join(roles)}; "
             f"has {sorted(person.roles) or 'none'}"
+        )
+
+
+def scope(broker: Broker, person: Person, permission: Permission) -> ModelAccess:
+    """The models ``person`` holds ``permission`` for (none when they lack its roles):
+    THE decision of delegated administration (broker.policy.roles) over :data:`ROLES`."""
+    return access_for(broker.policy.policy, person, *ROLES[permission])
+
+
+def model_access(broker: Broker, person: Person, permission: Permission) -> ModelAccess:
+    """:func:`scope`, asked by every admin, approver and auditor route and console page;
+    403 without any of the permission's roles."""
+    require(person, permission)
+    return scope(broker, person, permission)
+
+
+def require_model(access: ModelAccess, person: Person, model: str) -> None:
+    """403 unless ``access`` covers ``model``."""
+    refusal = access.refuses(model)
+    if refusal is not None:
+        raise Forbidden(f"{person.subject} of issuer {person.issuer_name} {refusal}")
+
+
+def require_unscoped(access: ModelAccess, person: Person, what: str) -> None:
+    """403 unless ``access`` covers every model: ``what`` concerns all of them."""
+    if not access.unscoped:
+        raise Forbidden(
+            f"{person.subject} of issuer {person.issuer_name} holds {access.describe()}; "
+            f"{what} needs the role for every model"
         )

@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 
-from broker.api.deps import BrokerDep, Permission, PersonDep, WorkloadDep, require
+from broker.api.deps import (
+    BrokerDep,
+    Permission,
+    PersonDep,
+    WorkloadDep,
+    model_access,
+    require_model,
+)
 from broker.approvals.rollback_tests import ROLLBACK_TEST, Authorise
 from broker.backends.base import TOKEN_TYPE_JWT
 from broker.grants.service import ExchangeRequest, GrantService
@@ -49,5 +56,9 @@ def list_tests(
     limit: int = 100,
 ) -> dict[str, Any]:
     """Recorded rollback tests, newest first."""
-    require(person, Permission.READ_APPROVALS)
-    return {"rollback_tests": broker.rollback_tests.find(model=model, uri=uri, limit=limit)}
+    access = model_access(broker, person, Permission.READ_APPROVALS)
+    if model:
+        require_model(access, person, model)
+    models = access.models_in(broker.policy.policy.models)
+    found = broker.rollback_tests.find(model=model, uri=uri, limit=limit, models=models)
+    return {"rollback_tests": found}

@@ -64,6 +64,7 @@ SINGLE_FIELDS = (
     "reason",
     "lineage",
     "approval_id",
+    "emergency",
 )
 OptForm = Annotated[str | None, Form()]
 
@@ -88,6 +89,7 @@ def parse_exchange(
     audience: list[str] | None,
     actor_token: str | None,
     requested_ttl: str | None,
+    emergency: str | None = None,
     **optional: str | None,
 ) -> ExchangeRequest:
     """Validate the form fields of a token exchange. Raises a BrokerError naming the field."""
@@ -114,7 +116,10 @@ def parse_exchange(
     if len(actions) != 1:
         raise InvalidScope(f"scope: expected exactly one action, got {len(actions)}")
     ttl = ascii_int(requested_ttl, "requested_ttl") if requested_ttl else None
+    if emergency not in (None, "true", "false"):
+        raise InvalidRequest(f"emergency: expected true or false, got {shown(emergency)}")
     return ExchangeRequest(
+        emergency=emergency == "true",
         subject_token=subject_token,
         model=target.removeprefix("model:"),
         action=actions[0],
@@ -142,6 +147,7 @@ def _form_schema() -> dict[str, Any]:
         "lineage": (text, "JSON: the datasets, weights and prompts the job uses"),
         "approval_id": (text, "an approved request that covers exactly this request"),
         "requested_ttl": (text, "seconds wanted; capped by the action's max_ttl"),
+        "emergency": (text, "true: break-glass, issued now and reviewed after (needs reason)"),
     }
     schema = {
         "type": "object",
@@ -206,6 +212,7 @@ def _answer(result: ExchangeResult) -> dict[str, Any]:
         "scope": result.grant.action,
         "grant_id": result.grant.id,
         **cred.extra,
+        **({"emergency": result.emergency} if result.emergency else {}),
     }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -248,12 +248,20 @@ class RollbackTests:
     # --- reading -------------------------------------------------------------------------------
 
     def find(
-        self, *, model: str | None = None, uri: str | None = None, limit: int = 100
+        self,
+        *,
+        model: str | None = None,
+        uri: str | None = None,
+        limit: int = 100,
+        models: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Recorded rollback tests, newest first, of one model and/or rollback point uri."""
+        """Recorded rollback tests, newest first, of one model and/or rollback point uri;
+        ``models`` (a scoped role's models) limits them."""
         query = select(RollbackTestRow).order_by(
             RollbackTestRow.recorded_at.desc(), RollbackTestRow.id
         )
+        if models is not None:
+            query = query.where(RollbackTestRow.model.in_(list(models)))
         if model:
             query = query.where(RollbackTestRow.model == model)
         if uri:

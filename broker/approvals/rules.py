@@ -55,9 +55,14 @@ class Binding:
     lineage: Mapping[str, Any] | None
     reason: str | None
     policy_digest: str
+    emergency_grant: str | None = None
+    """For the review of a break-glass use: the grant already issued. Such a binding never
+    equals an ordinary request's, so its approval ratifies and covers no exchange."""
 
     def as_dict(self) -> dict[str, Any]:
+        extra = {"emergency_grant": self.emergency_grant} if self.emergency_grant else {}
         return {
+            **extra,
             "issuer": self.issuer,
             "subject": self.subject,
             "claims": dict(self.claims),

@@ -29,6 +29,7 @@ from broker.errors import BrokerError, Conflict, Forbidden, InvalidRequest, NotF
 from broker.identity.types import Person, WorkloadIdentity
 from broker.policy import Decision, LoadedPolicy
 from broker.policy.engine import claim_text
+from broker.policy.roles import ModelAccess, may_interfere
 from broker.store.db import Store
 from broker.store.tables import ApprovalRow, ReviewRow
 
@@ -207,10 +208,18 @@ class ApprovalService:
             return self._view(session, row, self.clock(), compare=True)
 
     def find(
-        self, *, status: str | None = None, model: str | None = None, limit: int = 100
+        self,
+        *,
+        status: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+        models: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
+        """Requests, newest first; ``models`` (a scoped role's models) limits them."""
         now = self.clock()
         query = select(ApprovalRow).order_by(ApprovalRow.created_at.desc(), ApprovalRow.id)
+        if models is not None:
+            query = query.where(ApprovalRow.model.in_(list(models)))
         if model:
             query = query.where(ApprovalRow.model == model)
         if status and status not in set(ApprovalState):
@@ -253,40 +262,49 @@ class ApprovalService:
                 )
                 if state in (ApprovalState.PENDING, ApprovalState.APPROVED):
                     return self._view(session, row, now, compare=True), False
-            row = ApprovalRow(
-                id=_new_id(),
-                status=ApprovalState.PENDING,
-                binding=digest,
-                bound=binding.as_dict(),
-                issuer=binding.issuer,
-                subject=binding.subject,
-                model=binding.model,
-                action=binding.action,
-                backend=binding.backend,
-                tier=decision.tier,
-                rule=decision.rule or "",
-                approvals_required=decision.approvals_required,
-                rollback_required=decision.rollback_required,
-                created_at=now,
-                expires_at=now + dt.timedelta(seconds=self.settings.pending_ttl),
-            )
-            session.add(row)
-            self.audit.append(
-                session,
-                "approval.requested",
-                now,
-                {
-                    "approval_id": row.id,
-                    "binding": digest,
-                    "request": binding.as_dict(),
-                    "approvals_required": row.approvals_required,
-                    "tier": row.tier,
-                },
-            )
-            session.flush()
-            view = self._view(session, row, now, compare=True)
+            view = self.open_in(session, decision, binding, now)
         self._notify("approval.requested", view)
         return view, True
+
+    def open_in(
+        self, session: Session, decision: Decision, binding: Binding, now: dt.datetime
+    ) -> dict[str, Any]:
+        """Open a new request for ``binding`` in ``session``'s transaction (its
+        ``approval.requested`` event with it) and return its view; the caller notifies
+        (:meth:`notify`) once the transaction committed."""
+        digest = binding.digest()
+        row = ApprovalRow(
+            id=_new_id(),
+            status=ApprovalState.PENDING,
+            binding=digest,
+            bound=binding.as_dict(),
+            issuer=binding.issuer,
+            subject=binding.subject,
+            model=binding.model,
+            action=binding.action,
+            backend=binding.backend,
+            tier=decision.tier,
+            rule=decision.rule or "",
+            approvals_required=decision.approvals_required,
+            rollback_required=decision.rollback_required,
+            created_at=now,
+            expires_at=now + dt.timedelta(seconds=self.settings.pending_ttl),
+        )
+        session.add(row)
+        self.audit.append(
+            session,
+            "approval.requested",
+            now,
+            {
+                "approval_id": row.id,
+                "binding": digest,
+                "request": binding.as_dict(),
+                "approvals_required": row.approvals_required,
+                "tier": row.tier,
+            },
+        )
+        session.flush()
+        return self._view(session, row, now, compare=True)
 
     # --- using ---------------------------------------------------------------------------------
 
@@ -375,10 +393,17 @@ class ApprovalService:
     # --- reviewing -----------------------------------------------------------------------------
 
     def review(
-        self, approval_id: str, person: Person, decision: str, reason: str
+        self,
+        approval_id: str,
+        person: Person,
+        decision: str,
+        reason: str,
+        access: ModelAccess | None = None,
     ) -> dict[str, Any]:
         """Record ``person``'s approve/deny. One deny resolves the request as denied; enough
-        distinct approvals resolve it as approved (once the rollback gate is satisfied)."""
+        distinct approvals resolve it as approved (once the rollback gate is satisfied).
+        With ``access`` (the reviewer's approver role): Forbidden for a model it does not
+        cover, and for a request of the owners' rollback path when it is scoped."""
         if decision not in ("approve", "deny"):
             raise InvalidRequest(f"decision: expected approve or deny, got {decision!r}")
         now = self.clock()
@@ -386,7 +411,8 @@ class ApprovalService:
             row = self._row(session, approval_id, lock=True)
             self._settle_expiry(session, row, now)
             earlier = session.scalars(select(ReviewRow).where(ReviewRow.request_id == row.id)).all()
-            refused = self._refusal(session, row, ApprovalState(row.status), earlier, person, now)
+            state = ApprovalState(row.status)
+            refused = self._refusal(session, row, state, earlier, person, access, now)
             if refused is not None and (
                 decision == "approve" or not isinstance(refused, RollbackUntested)
             ):
@@ -441,10 +467,16 @@ class ApprovalService:
             self._notify(f"approval.{resolved}", view)
         return view
 
-    def refusal(self, approval_id: str, person: Person, decision: str) -> BrokerError | None:
-        """The error :meth:`review` would raise for ``person``'s ``decision`` now, or None: what
-        the console asks before it offers the approve and deny buttons (the same rules, so a
-        page never offers what the server refuses)."""
+    def refusal(
+        self,
+        approval_id: str,
+        person: Person,
+        decision: str,
+        access: ModelAccess | None = None,
+    ) -> BrokerError | None:
+        """The error :meth:`review` would raise for ``person``'s ``decision`` (with ``access``)
+        now, or None: what the console asks before it offers the approve and deny buttons (the
+        same rules, so a page never offers what the server refuses)."""
         now = self.clock()
         with self.store.read() as session:
             row = self._row(session, approval_id)
@@ -452,7 +484,7 @@ class ApprovalService:
                 row.status, now=now, expires_at=row.expires_at, approved_until=row.approved_until
             )
             earlier = session.scalars(select(ReviewRow).where(ReviewRow.request_id == row.id)).all()
-            refused = self._refusal(session, row, state, earlier, person, now)
+            refused = self._refusal(session, row, state, earlier, person, access, now)
         if refused is not None and (
             decision == "approve" or not isinstance(refused, RollbackUntested)
         ):
@@ -466,13 +498,19 @@ class ApprovalService:
         state: ApprovalState,
         earlier: Sequence[ReviewRow],
         person: Person,
+        access: ModelAccess | None,
         now: dt.datetime,
     ) -> BrokerError | None:
-        """Why ``person`` may not review ``row`` (in ``state``) now: it is resolved, the
-        approval rules refuse the reviewer, or the rollback gate is not satisfied
-        (:class:`RollbackUntested`, which refuses an approve only)."""
+        """Why ``person`` may not review ``row`` (in ``state``) now: it is resolved, ``access``
+        (the reviewer's approver role) does not cover it, the approval rules refuse the
+        reviewer, or the rollback gate is not satisfied (:class:`RollbackUntested`, which
+        refuses an approve only)."""
         if state is not ApprovalState.PENDING:
             return Conflict(f"approval {row.id} is already {state}; the first resolution is final")
+        if access is not None:
+            refused = self._reviewer_refusal(access, person, row)
+            if refused is not None:
+                return refused
         refusal = review_refusal(
             self.policy.policy,
             person,
@@ -536,6 +574,29 @@ class ApprovalService:
                 self._settle_expiry(session, row, now)
                 expired += row.status != before
         return expired
+
+    def _reviewer_refusal(
+        self, access: ModelAccess, person: Person, row: ApprovalRow
+    ) -> Forbidden | None:
+        who = f"{person.subject} of issuer {person.issuer_name}"
+        refusal = access.refuses(row.model)
+        if refusal is not None:
+            return Forbidden(f"{who} {refusal}")
+        if not may_interfere(access, self.policy.policy.actions.get(row.action)):
+            return Forbidden(
+                f"{who} holds {access.describe()}: request {row.id} is for the owners' rollback "
+                f"path (action {row.action} of {row.model}), which only approvers for every "
+                "model review"
+            )
+        return None
+
+    def view_in(self, session: Session, row: ApprovalRow) -> dict[str, Any]:
+        """The API's view of ``row``, read in ``session``."""
+        return self._view(session, row, self.clock())
+
+    def notify(self, event: str, view: dict[str, Any]) -> None:
+        """Send ``event`` about ``view`` to the webhook (if one is configured)."""
+        self._notify(event, view)
 
     def _notify(self, event: str, view: dict[str, Any]) -> None:
         if self.notifier is not None:

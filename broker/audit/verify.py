@@ -105,7 +105,7 @@ def verify_log(
         digest = sha256(_LEAF + leaf).digest()
         problem = None
         if recorded is None or recorded != digest or index >= anchored:
-            problem = _check_entry(index, leaf)
+            problem = check_entry(index, leaf)
         if recorded is not None and recorded != digest:
             problem = problem or "its bytes differ from the leaf hash recorded when it was appended"
         if problem:
@@ -152,7 +152,8 @@ def verify_log(
     return report
 
 
-def _check_entry(index: int, leaf: bytes) -> str | None:
+def check_entry(index: int, leaf: bytes) -> str | None:
+    """Why ``leaf`` is not the JSON event recorded at ``index``, or None."""
     try:
         event = json.loads(leaf)
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -237,6 +237,8 @@ def cmd_token_exchange(args: argparse.Namespace) -> int:
     token = _token_source(args.token, "--token")
     ttl = _ttl(args.ttl) if args.ttl else None
     approval_id = args.approval_id
+    if args.emergency and (args.wait or approval_id):
+        raise ConfigError("--emergency is reviewed after the fact: no --wait, no --approval-id")
     if args.wait:
         timeout = _timeout(args.timeout)
         if approval_id is None:
@@ -254,7 +256,15 @@ def cmd_token_exchange(args: argparse.Namespace) -> int:
         lineage=args.lineage,
         approval_id=approval_id,
         requested_ttl=str(ttl) if ttl else None,
+        emergency="true" if args.emergency else None,
     )
+    if "emergency" in result:
+        said = result["emergency"]
+        print(
+            f"EMERGENCY use recorded: approval {said['approval_id']} must be approved by "
+            f"{said['ratify_by']}",
+            file=sys.stderr,
+        )
     _exchange_out(args, result)
     return EXIT_OK
 
@@ -336,7 +346,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     result = _client(args, bearer=True).revoke_matching(
         args.reason, model=args.model, subject=args.subject, issuer=args.issuer
     )
-    _out(args, result, lambda: f"revoked {len(result['revoked'])} grant(s)")
+    said = f"revoked {len(result['revoked'])} grant(s)"
+    if result.get("spared"):
+        said += (
+            f"; spared {len(result['spared'])} of the owners' rollback path (your role is scoped)"
+        )
+    _out(args, result, lambda: said)
     return EXIT_OK
 
 
@@ -728,9 +743,25 @@ def _trusted(args: argparse.Namespace, verifier: Any) -> tuple[list[Any], list[A
     return held, problems
 
 
+def _verify_export(path: Path, key: str) -> Any:
+    """A whole export (a directory) or a scoped one (a file)."""
+    from broker.audit.export import verify_export
+    from broker.audit.scoped import verify_scoped
+
+    if path.is_dir():
+        return verify_export(path, key)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--export: no such file or directory: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--export: {path} is not a JSON scoped export: {exc}") from None
+    return verify_scoped(doc, key)
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from broker.audit.checkpoint import NoteVerifier
-    from broker.audit.export import verify_export, verify_store
+    from broker.audit.export import verify_store
     from broker.audit.state import snapshot, verify_state
     from broker.audit.verify import Problem
 
@@ -743,7 +774,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 "--trusted-checkpoint checks the store; for an export, its proof.json's "
                 "previous checkpoint links it to one you hold"
             )
-        report = verify_export(Path(args.export), args.key)
+        report = _verify_export(Path(args.export), args.key)
     else:
         store, audit = _open_log(args)
         verifier = NoteVerifier.from_vkey(args.key or audit.verifier_key())
@@ -768,9 +799,20 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         "problems": [str(p) for p in report.problems],
     }
 
+    models = getattr(report, "models", None)
+    if models is not None:
+        data |= {"models": list(models), "entries": report.entries}
+
     def human() -> str:
         if not report.ok:
             return "FAILED:\n" + "\n".join(f"  - {p}" for p in report.problems)
+        if models is not None:
+            return (
+                f"ok: {report.entries} entries of {' '.join(models)} are in the log of the signed "
+                f"checkpoint {report.size}; {report.checkpoints - 1} earlier checkpoint(s) are "
+                "consistent with it (this cannot show that none of these models' entries was "
+                "left out: docs/audit.md)"
+            )
         said = f"ok: entries {report.start}..{report.size - 1}"
         if report.latest_checkpoint or held:
             said += f" verify; {report.checkpoints} signed checkpoint(s) in the store"
@@ -834,6 +876,8 @@ def cmd_audit_monitor(args: argparse.Namespace) -> int:
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from broker.audit.export import export_log
 
+    if args.model:
+        return _audit_export_scoped(args)
     store, audit = _open_log(args)
     try:
         with store.write() as session:
@@ -844,6 +888,28 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         store.close()
     data = {**manifest, "key": audit.verifier_key(), "directory": args.dir}
     human = f"exported entries {manifest['since']}..{manifest['size'] - 1} to {args.dir}\n"
+    human += f"verify with: broker audit verify --export {args.dir} --key {audit.verifier_key()}"
+    _out(args, data, lambda: human)
+    return EXIT_OK
+
+
+def _audit_export_scoped(args: argparse.Namespace) -> int:
+    """``audit export FILE --model GLOB``: one JSON document (broker.audit.scoped)."""
+    from broker.audit.scope import ModelScope
+    from broker.audit.scoped import export_scoped
+
+    if args.since:
+        raise ConfigError("--since is for whole exports; a scoped export covers the whole log")
+    store, audit = _open_log(args)
+    try:
+        with store.write() as session:
+            doc = export_scoped(session, audit, ModelScope(args.model))
+    finally:
+        store.close()
+    Path(args.dir).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    data = {"file": args.dir, "models": doc["models"], "size": doc["size"]}
+    data |= {"entries": len(doc["entries"]), "key": audit.verifier_key()}
+    human = f"exported {len(doc['entries'])} entries of {' '.join(doc['models'])} to {args.dir}\n"
     human += f"verify with: broker audit verify --export {args.dir} --key {audit.verifier_key()}"
     _out(args, data, lambda: human)
     return EXIT_OK
@@ -969,6 +1035,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lineage", help="JSON: datasets, weights, prompts, rollback_point")
     p.add_argument("--approval-id")
     p.add_argument("--ttl", help="requested lifetime (capped by the action's max_ttl)")
+    p.add_argument(
+        "--emergency",
+        action="store_true",
+        help="break-glass, where the policy allows it: issued now with a capped lifetime, "
+        "loudly, and reviewed after (needs --reason)",
+    )
     p.add_argument(
         "--wait",
         action="store_true",
@@ -1145,7 +1217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = aud.add_parser(
         "verify", help="recompute the whole log, check every checkpoint and the state tables"
     )
-    p.add_argument("--export", help="verify an export directory instead of the store")
+    p.add_argument(
+        "--export", help="verify an export (a directory, or a scoped export's file) offline"
+    )
     p.add_argument("--key", help="verifier key <name>+<id>+<base64>; required with --export")
     p.add_argument(
         "--trusted-checkpoint",
@@ -1169,8 +1243,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, bearer=True)
     p.set_defaults(func=cmd_audit_monitor)
     p = aud.add_parser("export", help="write entries, checkpoint and proofs for offline checks")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a directory; with --model, a file")
     p.add_argument("--since", type=int, default=0, help="first index to export")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="GLOB",
+        help="only these models' entries, each with its inclusion proof (repeatable)",
+    )
     store_args(p)
     p.set_defaults(func=cmd_audit_export)
     p = aud.add_parser("proof", help="inclusion proof of a grant's issuance")

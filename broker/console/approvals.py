@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Request
 from starlette.responses import RedirectResponse, Response
 
-from broker.api.deps import Permission, require
+from broker.api.deps import Permission, model_access, permits, require_model, scope
 from broker.approvals.rules import ApprovalState
 from broker.console.web import ConsoleDep, Viewer, ViewerDep, check_csrf, render
 from broker.errors import BrokerError, InvalidRequest
+from broker.policy.roles import ModelAccess
 
 router = APIRouter()
 MAX_REASON = 1000
@@ -29,8 +30,10 @@ def checked_reason(reason: str | None) -> str:
 def pending(
     request: Request, console: ConsoleDep, who: ViewerDep, status: str = "pending"
 ) -> Response:
-    require(who.person, Permission.READ_APPROVALS)
-    requests = console.broker.approvals.find(status=status or None, limit=200)
+    broker = console.broker
+    access = model_access(broker, who.person, Permission.READ_APPROVALS)
+    models = access.models_in(broker.policy.policy.models)
+    requests = broker.approvals.find(status=status or None, limit=200, models=models)
     return render(
         request,
         console,
@@ -51,11 +54,14 @@ def _request_page(
     error: BrokerError | None = None,
 ) -> Response:
     broker = console.broker
-    require(who.person, Permission.READ_APPROVALS)
+    access = model_access(broker, who.person, Permission.READ_APPROVALS)
     view = broker.approvals.get(approval_id)
-    # The same checks that review() applies: a form is offered only when it would pass.
+    require_model(access, who.person, view["model"])
+    # The same checks that review() applies (with the reviewer's model scope, as _review
+    # passes it): a form is offered only when it would pass.
+    reviewing = _review_access(console, who)
     refusals = {
-        decision: broker.approvals.refusal(approval_id, who.person, decision)
+        decision: broker.approvals.refusal(approval_id, who.person, decision, reviewing)
         for decision in ("approve", "deny")
     }
     lineage: dict[str, Any] = view.get("lineage") or {}
@@ -87,6 +93,14 @@ def show(approval_id: str, request: Request, console: ConsoleDep, who: ViewerDep
     return _request_page(request, console, who, approval_id)
 
 
+def _review_access(console: ConsoleDep, who: Viewer) -> ModelAccess | None:
+    """The models the viewer's approver role covers; None without the role (the approval
+    rules then refuse them, naming the role)."""
+    if not permits(who.person, Permission.REVIEW_APPROVALS):
+        return None
+    return scope(console.broker, who.person, Permission.REVIEW_APPROVALS)
+
+
 def _review(
     request: Request,
     console: ConsoleDep,
@@ -99,7 +113,8 @@ def _review(
     check_csrf(who, csrf)
     try:
         text = checked_reason(reason)
-        console.broker.approvals.review(approval_id, who.person, decision, text)
+        access = _review_access(console, who)
+        console.broker.approvals.review(approval_id, who.person, decision, text, access)
     except BrokerError as exc:
         return _request_page(request, console, who, approval_id, error=exc)
     return RedirectResponse(f"/console/approvals/{approval_id}", status_code=303)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from broker.api.deps import Permission, require
+from broker.api.audit import export_of
+from broker.api.deps import Permission, model_access, require_model, require_unscoped
 from broker.audit.export import export_log
 from broker.console.web import ConsoleDep, ViewerDep, render
 from broker.errors import InvalidRequest
@@ -22,8 +25,10 @@ router = APIRouter()
 
 @router.get("/lineage")
 def lineage(request: Request, console: ConsoleDep, who: ViewerDep, model: str = "") -> Response:
-    require(who.person, Permission.READ_APPROVALS)
-    models = sorted(console.broker.policy.policy.models)
+    access = model_access(console.broker, who.person, Permission.READ_APPROVALS)
+    if model:
+        require_model(access, who.person, model)
+    models = [m for m in sorted(console.broker.policy.policy.models) if access.allows(m)]
     history = console.broker.grants.lineage(model, limit=200) if model in models else []
     return render(
         request, console, "lineage.html", who, model=model, models=models, history=history
@@ -32,8 +37,8 @@ def lineage(request: Request, console: ConsoleDep, who: ViewerDep, model: str = 
 
 @router.get("/audit")
 def audit(request: Request, console: ConsoleDep, who: ViewerDep) -> Response:
-    require(who.person, Permission.READ_AUDIT)
     broker = console.broker
+    access = model_access(broker, who.person, Permission.READ_AUDIT)
     with broker.store.read() as session:
         checkpoint = broker.audit.latest_checkpoint(session)
         size = broker.audit.size(session)
@@ -70,15 +75,34 @@ def audit(request: Request, console: ConsoleDep, who: ViewerDep) -> Response:
         targets=targets,
         problems=broker.audit.integrity.problems(),
         verifier_key=broker.audit.verifier_key(),
+        # A role scoped to models is offered the scoped export of its own globs only.
+        export_models=list(access.patterns) if access.patterns is not None else None,
     )
 
 
 @router.get("/audit/export")
-def export(console: ConsoleDep, who: ViewerDep, since: int = Query(default=0, ge=0)) -> Response:
-    """``broker audit export`` as a download: a tar.gz of entries.jsonl, checkpoint and
-    proof.json (a checkpoint of the whole log is signed first)."""
-    require(who.person, Permission.READ_AUDIT)
+def export(
+    console: ConsoleDep,
+    who: ViewerDep,
+    since: int = Query(default=0, ge=0),
+    model: Annotated[list[str] | None, Query()] = None,
+) -> Response:
+    """With ``model`` (globs): the scoped export of ``GET /v1/audit/export?model=`` as a JSON
+    download, for any auditor whose scope covers them. Without: ``broker audit export`` as a
+    download, a tar.gz of entries.jsonl, checkpoint and proof.json, for a role covering every
+    model (a checkpoint of the whole log is signed first either way)."""
     broker = console.broker
+    access = model_access(broker, who.person, Permission.READ_AUDIT)
+    if model:
+        doc = export_of(broker, who.person, access, model)
+        return Response(
+            json.dumps(doc, indent=1, ensure_ascii=False) + "\n",
+            media_type="application/json",
+            headers={
+                "Content-Disposition": f'attachment; filename="audit-export-{doc["size"]}.json"'
+            },
+        )
+    require_unscoped(access, who.person, "downloading the whole log (download your models' export)")
     with tempfile.TemporaryDirectory(prefix="broker-export-") as tmp:
         directory = Path(tmp) / "audit-export"
         try:

@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.api.deps import Permission, permits
+from broker.api.deps import Permission, permits, scope
 from broker.console.oidc import OidcSignin
 from broker.console.session import Cookies, Session, csrf_matches
 from broker.errors import IdentityRejected
@@ -145,8 +145,13 @@ def render(
     status: int = 200,
     **context: Any,
 ) -> Response:
-    """``template`` with the page frame's context: the viewer, what they may do, dev mode."""
+    """``template`` with the page frame's context: the viewer, what they may do (and, for roles
+    scoped to models, for which: shown on every page), dev mode."""
     can = {p.name.lower(): who is not None and permits(who.person, p) for p in Permission}
+    scoped: list[str] = []
+    if who is not None:
+        held = [scope(console.broker, who.person, p) for p in Permission if permits(who.person, p)]
+        scoped = sorted({a.describe() for a in held if not a.unscoped})
     return console.templates.TemplateResponse(
         request,
         template,
@@ -155,6 +160,7 @@ def render(
             "csrf": who.session.csrf if who else None,
             "session_ends": who.session.expires_at if who else None,
             "can": can,
+            "scoped": scoped,
             "dev": console.broker.settings.dev,
             **context,
         },

@@ -83,5 +83,9 @@ class DevIssuer:
     def _groups(self, roles: list[str]) -> list[str]:
         mapping = self._policy.policy.roles
         # A role name becomes the first group the policy maps to it; anything else passes as is.
-        groups = {role: values[0] for role, values in mapping.items() if values}
+        groups = {
+            role: plain[0]
+            for role, values in mapping.items()
+            if (plain := [v for v in values if isinstance(v, str)])
+        }
         return [groups.get(r, r) for r in roles]  # type: ignore[call-overload]

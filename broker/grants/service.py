@@ -7,6 +7,7 @@ dropped unseen and the caller gets 503. Every attempt, allowed or denied, is an 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -43,18 +44,22 @@ from broker.errors import (
     BrokerError,
     Conflict,
     ExchangeFailed,
+    Forbidden,
     IdentityRejected,
     InvalidRequest,
     InvalidTarget,
     NotFound,
     TokenReplayed,
 )
+from broker.grants.emergency import EmergencyUses
 from broker.grants.lineage import lineage_datasets, parse_lineage
 from broker.grants.model import Grant, GrantStatus
 from broker.grants.revocation import Revocations
 from broker.identity.types import Person, WorkloadIdentity
 from broker.identity.verifier import LEEWAY_SECONDS, Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
+from broker.policy.model import ActionConfig, EmergencyConfig
+from broker.policy.roles import ModelAccess, may_interfere
 from broker.store.db import GroupCommit, Steps, Store
 from broker.store.tables import GrantRow, UsedTokenRow
 
@@ -109,6 +114,8 @@ class ExchangeRequest:
     lineage: str | None = None
     approval_id: str | None = None
     requested_ttl: int | None = None
+    emergency: bool = False
+    """Break-glass: issue now, review after (broker.grants.emergency)."""
 
     def __repr__(self) -> str:
         return f"ExchangeRequest(model={self.model!r}, action={self.action!r})"
@@ -118,6 +125,8 @@ class ExchangeRequest:
 class ExchangeResult:
     grant: Grant
     credential: Credential
+    emergency: dict[str, Any] | None = None
+    """For a break-glass use: its review request and deadline (broker.grants.emergency)."""
 
 
 @dataclass(slots=True)
@@ -169,6 +178,9 @@ class GrantService:
         self.approvals = approvals
         self.revocations = Revocations(
             store=store, audit=audit, backends=lambda: self.backends, clock=clock
+        )
+        self.emergency = EmergencyUses(
+            policy=policy, store=store, audit=audit, approvals=approvals, clock=clock
         )
         self.policy = policy
         self.verifier = verifier
@@ -292,14 +304,34 @@ class GrantService:
         view, _ = self.approvals.open(decision, binding)
         raise ApprovalRequired(f"{needed}; {_progress(view)}", approval_id=view["id"])
 
-    def _allow(
-        self, identity: WorkloadIdentity, req: ExchangeRequest, attempt: _Attempt
-    ) -> Steps[_ExchangeWrite, ExchangeResult]:
-        backend = self.backends.for_token_type(req.token_type)
-        decision, lineage = self.decide(identity, req, backend.name)
+    def _gate(
+        self,
+        identity: WorkloadIdentity,
+        req: ExchangeRequest,
+        decision: Decision,
+        lineage: dict[str, Any] | None,
+        grant_id: str,
+    ) -> tuple[EmergencyConfig | None, Decision, str | None, Binding | None, str]:
+        """What the exchange needs before it may issue: break-glass admitted (and its cap
+        checked), or the approval that covers exactly this credential, or neither. Returns
+        the emergency config, the decision (break-glass may cap its TTL), the approval id, the
+        binding and the audience. Raises ApprovalRequired and the break-glass refusals."""
         approval_id = None
         binding = None
-        if decision.outcome is Outcome.APPROVAL_REQUIRED:
+        emergency = None
+        if req.emergency:
+            emergency, decision = self.emergency.admit(
+                decision, _clean_reason(req.reason), req.approval_id
+            )
+            binding = dataclasses.replace(
+                self.binding(identity, req, decision, lineage), emergency_grant=grant_id
+            )
+            audience = binding.audience
+            with self.store.read() as session:  # refused early; counted again when recorded
+                self.emergency.check_cap(
+                    session, identity.issuer_name, identity.subject, emergency, self.clock()
+                )
+        elif decision.outcome is Outcome.APPROVAL_REQUIRED:
             # NOTE: the binding holds the audience and TTL, so both are settled before the
             # approval is looked at: an approval covers exactly the credential issued.
             binding = self.binding(identity, req, decision, lineage)
@@ -307,10 +339,21 @@ class GrantService:
             audience = binding.audience
         else:
             audience = self._audience(req, decision)
+        return emergency, decision, approval_id, binding, audience
+
+    def _allow(
+        self, identity: WorkloadIdentity, req: ExchangeRequest, attempt: _Attempt
+    ) -> Steps[_ExchangeWrite, ExchangeResult]:
+        backend = self.backends.for_token_type(req.token_type)
+        decision, lineage = self.decide(identity, req, backend.name)
+        grant_id = _new_grant_id()
+        emergency, decision, approval_id, binding, audience = self._gate(
+            identity, req, decision, lineage, grant_id
+        )
         now = self.clock().replace(microsecond=0)
         claims: dict[str, Any] = {**identity.attributes, **decision.matched_claims}
         grant = Grant(
-            id=_new_grant_id(),
+            id=grant_id,
             issuer=identity.issuer_name,
             issuer_url=identity.issuer,
             subject=identity.subject,
@@ -358,26 +401,46 @@ class GrantService:
                 grant_id=grant.id,
             )
 
+        used: dict[str, Any] = {}
+
+        def commit_emergency(session: Session, credential: Credential) -> None:
+            """A break-glass grant: its events, its count and its review, in one transaction."""
+            assert emergency is not None and binding is not None
+            data = {**allowed, "credential_ref": credential.credential_ref, "emergency": True}
+            self.audit.append(session, "exchange.allowed", now, data, grant_id=grant.id)
+            used.update(self.emergency.record(session, grant, decision, binding, emergency, now))
+
         def event(credential: Credential) -> NewEvent:
             data = {**allowed, "credential_ref": credential.credential_ref}
             return NewEvent("exchange.allowed", now, data, grant.id)
 
+        committer = commit_emergency if emergency is not None else commit
+        own_transaction = approval_id is not None or emergency is not None
         if backend.external:
-            approved = commit if approval_id is not None else None
-            return self._issue_external(grant, identity, backend, attempt, event, approved)
+            approved = committer if own_transaction else None
+            result = self._issue_external(grant, identity, backend, attempt, event, approved)
+            return self._announced(result, used)
         with self.backends.timed(backend.name, "issue"):
             credential = backend.issue(grant)
         row = _grant_values(grant, identity, credential.credential_ref, GrantStatus.ACTIVE)
-        if approval_id is not None:
+        if own_transaction:
             with self.store.write() as session:
                 conn = session.connection()
                 self._consume(conn, identity)
                 conn.execute(_INSERT_GRANT, row)
-                commit(session, credential)
-            return ExchangeResult(grant=grant, credential=credential)
+                committer(session, credential)
+            return self._announced(ExchangeResult(grant=grant, credential=credential), used)
         # The common case: committed together with the other exchanges waiting meanwhile.
         yield _ExchangeWrite(event(credential), _spend(identity), row)
         return ExchangeResult(grant=grant, credential=credential)
+
+    def _announced(self, result: ExchangeResult, used: dict[str, Any]) -> ExchangeResult:
+        """``result``, announced as a break-glass use when ``used`` holds one (committed)."""
+        if not used:
+            return result
+        self.emergency.announce(used)
+        answer = {k: used[k] for k in ("approval_id", "ratify_by", "ttl_seconds")}
+        return dataclasses.replace(result, emergency=answer)
 
     def _issue_external(
         self,
@@ -560,10 +623,14 @@ class GrantService:
         subject: str | None = None,
         status: str | None = None,
         limit: int = 100,
+        models: Sequence[str] | None = None,
     ) -> list[Grant]:
-        """Grants, newest first, filtered; ``status`` is active, expired or revoked."""
+        """Grants, newest first, filtered; ``status`` is active, expired or revoked;
+        ``models`` (a scoped role's models) limits them to those models."""
         now = self.clock()
         query = select(GrantRow).order_by(GrantRow.issued_at.desc(), GrantRow.id)
+        if models is not None:
+            query = query.where(GrantRow.model.in_(list(models)))
         if model:
             query = query.where(GrantRow.model == model)
         if subject:
@@ -605,14 +672,20 @@ class GrantService:
 
     # --- revocation ----------------------------------------------------------------------------
 
-    def revoke(self, grant_id: str, actor: Person, reason: str) -> Grant:
+    def revoke(
+        self, grant_id: str, actor: Person, reason: str, access: ModelAccess | None = None
+    ) -> Grant:
         """Revoke one active grant and tell its backend. Conflict when it is not active.
-        A revoked grant is never re-activated: rows are only updated ``WHERE status='active'``."""
+        A revoked grant is never re-activated: rows are only updated ``WHERE status='active'``.
+        With ``access`` (the actor's admin role, broker.policy.roles): Forbidden for a model it
+        does not cover, and for the owners' rollback path when it is scoped."""
         now = self.clock()
         with self.store.write() as session:
             row = session.get(GrantRow, grant_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"grant {shown(grant_id)} not found")
+            if access is not None:
+                self._check_revoker(access, actor, row)
             current = Grant.from_row(row, now)
             if current.status is not GrantStatus.ACTIVE:
                 when = current.revoked_at or current.expires_at
@@ -629,10 +702,17 @@ class GrantService:
         model: str | None = None,
         subject: str | None = None,
         issuer: str | None = None,
+        access: ModelAccess | None = None,
+        spared: list[str] | None = None,
     ) -> list[str]:
-        """Bulk revocation of every active grant of a model, subject or issuer (name)."""
+        """Bulk revocation of every active grant of a model, subject or issuer (name).
+        NOTE: with a scoped ``access`` (the actor's admin role) it never reaches a model the
+        scope does not cover (Forbidden when ``model`` is one), and it spares the owners'
+        rollback grants, whose ids it adds to ``spared``."""
         if [model, subject, issuer].count(None) != 2:
             raise InvalidRequest("give exactly one of model, subject and issuer")
+        if access is not None and model is not None and (refusal := access.refuses(model)):
+            raise Forbidden(f"{actor.subject} of issuer {actor.issuer_name} {refusal}")
         now = self.clock()
         column, value = next(
             (c, v)
@@ -644,13 +724,49 @@ class GrantService:
             if v is not None
         )
         query = select(GrantRow).where(column == value, _status_clause("active", now))
+        covered = access.models_in(self.policy.policy.models) if access is not None else None
+        if covered is not None:
+            query = query.where(GrantRow.model.in_(covered))
         with self.store.write() as session:
             rows = list(session.scalars(query.with_for_update()))
+            if access is not None:
+                kept = [r for r in rows if not may_interfere(access, self._action(r.action))]
+                rows = [r for r in rows if r not in kept]
+                if spared is not None:
+                    spared += [r.id for r in kept]
             for row in rows:
                 self._mark_revoked(session, row, actor, reason, now)
             ids = [row.id for row in rows]
         self.revocations.process(ids)
         return ids
+
+    def _action(self, name: str) -> ActionConfig | None:
+        return self.policy.policy.actions.get(name)
+
+    def _check_revoker(self, access: ModelAccess, actor: Person, row: GrantRow) -> None:
+        refused = self.revoke_refusal(
+            access, actor, grant_id=row.id, model=row.model, action=row.action
+        )
+        if refused is not None:
+            raise refused
+
+    def revoke_refusal(
+        self, access: ModelAccess, actor: Person, *, grant_id: str, model: str, action: str
+    ) -> Forbidden | None:
+        """Why :meth:`revoke` refuses ``actor`` (with ``access``, their admin role) the grant
+        ``grant_id`` of ``model`` and ``action``, or None: the model is not covered, or the
+        grant is the owners' rollback path and the role is scoped. What the console asks
+        before it offers a revoke button."""
+        who = f"{actor.subject} of issuer {actor.issuer_name}"
+        refusal = access.refuses(model)
+        if refusal is not None:
+            return Forbidden(f"{who} {refusal}")
+        if not may_interfere(access, self._action(action)):
+            return Forbidden(
+                f"{who} holds {access.describe()}: grant {grant_id} is the owners' rollback path "
+                f"(action {action} of {model}), which only an admin for every model may revoke"
+            )
+        return None
 
     def _mark_revoked(
         self, session: Session, row: GrantRow, actor: Person, reason: str, now: dt.datetime

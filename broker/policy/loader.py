@@ -533,8 +533,10 @@ def _compile_rule(rule: Rule) -> CompiledRule:
 
 
 def _group_roles(policy: Policy) -> dict[str, frozenset[str]]:
+    """Group → roles, scoped or not (which models a role covers: broker.policy.roles)."""
     roles_by_group: dict[str, set[str]] = {}
     for role, groups in policy.roles.items():
         for group in groups:
-            roles_by_group.setdefault(group, set()).add(role)
+            name = group if isinstance(group, str) else group.group
+            roles_by_group.setdefault(name, set()).add(role)
     return {group: frozenset(roles) for group, roles in roles_by_group.items()}

@@ -7,6 +7,7 @@ names) are checked by :mod:`broker.policy.loader`, which can name the exact plac
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -123,11 +124,48 @@ class IssuerConfig(_Strict):
         return "oidc"
 
 
+_RATE = re.compile(r"^\s*(\d+)\s+per\s+(\S+)\s*$")
+
+
+def _parse_rate(value: object) -> object:
+    """``"2 per 24h"`` → ``{"count": 2, "per": "24h"}``; a mapping is left to the model."""
+    if isinstance(value, str):
+        m = _RATE.match(value)
+        if not m:
+            raise ValueError(
+                f"expected '<count> per <duration>' such as '2 per 24h', got {value!r}"
+            )
+        return {"count": int(m.group(1)), "per": m.group(2)}
+    return value
+
+
+class EmergencyRate(_Strict):
+    """At most ``count`` emergency uses by one identity within any ``per`` seconds."""
+
+    count: int = Field(ge=1)
+    per: Duration
+
+
+class EmergencyConfig(_Strict):
+    """Break-glass use of an action that needs approval: issued at once, reviewed after."""
+
+    ttl_cap: Duration
+    """The credential's lifetime is at most this (and at most the action's max_ttl)."""
+    ratify_within: Duration
+    """Approvers must approve the use (as the tier says) within this, or it is flagged."""
+    max_per_identity: Annotated[EmergencyRate, BeforeValidator(_parse_rate)]
+
+
 class ActionConfig(_Strict):
     tier: Tier
     max_ttl: Duration
     approvals: int = Field(default=0, ge=0)
     rollback_tested: Literal["required"] | None = None
+    emergency: EmergencyConfig | None = None
+    """Break-glass use (docs/approvals.md "Break-glass"); none unless set."""
+    rollback: bool = False
+    """The owners' rollback path: admins and approvers scoped to models cannot revoke its
+    grants nor review its requests (docs/approvals.md "Delegated administration")."""
 
     @model_validator(mode="after")
     def _tier_consistency(self) -> ActionConfig:
@@ -137,6 +175,8 @@ class ActionConfig(_Strict):
             raise ValueError(f"a {self.tier} action needs approvals: 1 or more")
         if self.rollback_tested and self.tier != "privileged":
             raise ValueError("rollback_tested applies to privileged actions only")
+        if self.emergency is not None and self.tier == "low":
+            raise ValueError("emergency applies to actions that need approval; this one is low")
         return self
 
 
@@ -297,6 +337,18 @@ class IdentityRef(_Strict):
         return self
 
 
+class ScopedRoleGroup(_Strict):
+    """A group whose role covers some models only (``{group: vendor-ops, models: [vendor-*]}``):
+    delegated administration, docs/policy.md "roles"."""
+
+    group: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    """Globs (docs/policy.md "Globs") of the models the role covers."""
+
+
+RoleGroup = str | ScopedRoleGroup
+
+
 class Policy(_Strict):
     """A validated policy file.
 
@@ -308,7 +360,9 @@ class Policy(_Strict):
     actions: dict[str, ActionConfig] = Field(min_length=1)
     models: dict[str, ModelConfig] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list)
-    roles: dict[RoleName, list[str]] = Field(default_factory=dict)
+    roles: dict[RoleName, list[RoleGroup]] = Field(default_factory=dict)
+    """Role → groups: a plain group holds the role for every model, a ScopedRoleGroup for its
+    models only."""
     tiers: dict[Tier, TierConfig] = Field(default_factory=dict)
     approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
     people: dict[str, list[IdentityRef]] = Field(default_factory=dict)

@@ -28,7 +28,7 @@ from broker.store.files import create_owner_only, owner_only
 
 log = logging.getLogger("broker.store")
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"
 """The newest migration (a test checks it against Alembic's head). A database already at it
 is opened without importing Alembic, which would cost the server ~11 MB for nothing."""
 SqliteSync = Literal["FULL", "NORMAL"]

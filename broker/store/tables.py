@@ -288,3 +288,27 @@ class KeyRingRow(Base):
 
     purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
     generation: Mapped[int] = mapped_column(BigInteger)
+
+
+class EmergencyUseRow(Base):
+    """One break-glass use (docs/approvals.md): the grant issued at once, the approval request
+    opened for its review, the deadline to ratify it, and what the maintenance round found.
+    Counted per identity (the policy's ``max_per_identity``), so the cap holds across replicas."""
+
+    __tablename__ = "emergency_uses"
+
+    grant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    issuer: Mapped[str] = mapped_column(String(100))
+    subject: Mapped[str] = mapped_column(String(500))
+    model: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    approval_id: Mapped[str] = mapped_column(String(40))
+    used_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    ratify_by: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(16))  # pending | ratified | unratified
+    settled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("ix_emergency_uses_identity", "issuer", "subject", "used_at"),
+        Index("ix_emergency_uses_status", "status", "ratify_by"),
+    )

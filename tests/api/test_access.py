@@ -104,6 +104,7 @@ ACCESS: dict[str, Entry] = {
     "GET /v1/audit/proof/consistency": Entry(
         Rule("person", ("auditor", "admin")), query={"from": 1, "to": 1}
     ),
+    "GET /v1/audit/export": Entry(Rule("person", ("auditor", "admin")), query={"model": "llama-*"}),
     # Approvals and lineage.
     "POST /v1/approvals": Entry(Rule("workload"), json=FINE_TUNE),
     "GET /v1/approvals": Entry(Rule("person", READERS)),

@@ -248,6 +248,30 @@ def set_in(doc: Any, path: tuple[Any, ...], value: Any) -> None:
             "a low-tier action needs no approvals; raise its tier instead",
         ),
         (
+            ("actions", "evaluate", "emergency"),
+            {"ttl_cap": "5m", "ratify_within": "1h", "max_per_identity": "1 per 1d"},
+            "actions.evaluate",
+            "emergency applies to actions that need approval; this one is low",
+        ),
+        (
+            ("actions", "fine-tune", "emergency"),
+            {"ttl_cap": "5m", "ratify_within": "1h", "max_per_identity": "twice a day"},
+            "actions.fine-tune.emergency.max_per_identity",
+            "expected '<count> per <duration>' such as '2 per 24h', got 'twice a day'",
+        ),
+        (
+            ("actions", "fine-tune", "emergency"),
+            {"ttl_cap": "5m", "ratify_within": "1h", "max_per_identity": "0 per 1d"},
+            "actions.fine-tune.emergency.max_per_identity.count",
+            "input should be greater than or equal to 1",
+        ),
+        (
+            ("actions", "fine-tune", "emergency"),
+            {"ttl_cap": "5m", "max_per_identity": "1 per 1d"},
+            "actions.fine-tune.emergency.ratify_within",
+            "required field is missing",
+        ),
+        (
             ("rules", 0, "subjet"),
             "x",
             "rules[0].subjet",
