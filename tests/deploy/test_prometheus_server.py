@@ -33,13 +33,18 @@ def binaries() -> tuple[str, str]:
     return prometheus, promtool
 
 
+def rules() -> list[dict[str, Any]]:
+    """Every alerting rule the file holds (as written, independently of promtool)."""
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+
+
 def test_promtool_accepts_the_rules() -> None:
     _, promtool = binaries()
     done = subprocess.run(
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 14 rules found" in done.stdout
+    assert f"SUCCESS: {len(rules())} rules found" in done.stdout
 
 
 @pytest.fixture
@@ -122,5 +127,5 @@ def test_prometheus_scrapes_the_broker_and_every_expression_evaluates(
         return found if found and all(r["health"] != "unknown" for r in found) else None
 
     evaluated = poll(rules_evaluated, "every rule evaluated once")
-    assert len(evaluated) == 14
+    assert len(evaluated) == len(rules())
     assert {r["name"]: r["health"] for r in evaluated if r["health"] != "ok"} == {}
