@@ -281,3 +281,26 @@ def test_an_external_backends_credential_is_revoked_when_the_use_cannot_be_recor
     assert fake.live == {grant_id: f"ref-{grant_id}"}  # what it issued for the refusal is gone
     assert (failed.id, f"ref-{failed.id}") in fake.revoked
     assert len(events(broker, "emergency.used")) == 1
+
+
+def test_a_replica_that_does_not_settle_uses_still_shows_the_notice(
+    hooked: tuple[TestClient, Broker, Receiver, str], tmp_path: Path
+) -> None:
+    """Only the maintenance lease holder settles uses; every replica's /readyz says so."""
+    client, holder, _, _ = hooked
+    late = emergency(client, holder).json()
+    holder.maintain()  # takes the lease
+    other = build_broker(holder.settings)  # a second process on the same store
+    try:
+        real = holder.grants.emergency.clock
+        for b in (holder, other):
+            b.grants.emergency.clock = lambda: real() + dt.timedelta(hours=1, minutes=1)
+        holder.maintain()
+        assert [e["grant_id"] for e in events(holder, "emergency.unratified")] == [late["grant_id"]]
+        assert other.maintenance.hold() is None  # not the holder: it settles nothing
+        other.maintain()
+        assert late["grant_id"] in other.notices()["emergency"]
+    finally:
+        other.close()
+    assert holder.notifier is not None
+    holder.notifier.close()
