@@ -17,6 +17,7 @@ from broker.api.app import create_app
 from broker.runtime import Broker, build_broker
 from broker.settings import Settings
 from tests.conftest import exchange_form
+from tests.keys.support import kek_file
 from tests.servers import Postgres
 from tests.vendor import VENDOR_SUB, vendor_policy
 
@@ -33,15 +34,12 @@ def replicas(postgres: Postgres, tmp_path: Path) -> Iterator[list[tuple[TestClie
     policy = vendor_policy(tmp_path)
     brokers = []
     try:
+        kek = kek_file(tmp_path / "kek")  # the replicas share the KEK (docs/deployment.md)
         for n in range(2):
             data_dir = tmp_path / f"replica-{n}"
-            if n:  # the replicas share the log's keys (docs/audit.md)
-                data_dir.mkdir(mode=0o700)
-                for part in ("audit-key.pem", "audit-hmac.key", "audit-origin"):
-                    source = tmp_path / "replica-0" / part
-                    (data_dir / part).write_bytes(source.read_bytes())
-                    (data_dir / part).chmod(0o600)
-            settings = Settings(dev=True, data_dir=data_dir, policy=policy, database_url=url)
+            settings = Settings(
+                dev=True, data_dir=data_dir, policy=policy, database_url=url, kek_file=kek
+            )
             brokers.append(build_broker(settings))
         clients = [TestClient(create_app(broker=b)) for b in brokers]
         for c in clients:

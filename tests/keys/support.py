@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from broker.keys.kek import Kek
+from broker.keys.kek import Kek, generate
 from broker.keys.store import KeyStore
 from broker.store.db import Store
 
@@ -15,3 +16,10 @@ def fresh_kek(name: str = "the test's KEK") -> Kek:
 
 def key_store(store: Store, kek: Kek | None = None) -> KeyStore:
     return KeyStore(store, kek or fresh_kek())
+
+
+def kek_file(path: Path) -> Path:
+    """A KEK file as `broker keys kek generate --out` writes it (0600)."""
+    path.write_text(generate() + "\n")
+    path.chmod(0o600)
+    return path

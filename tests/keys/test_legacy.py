@@ -89,6 +89,7 @@ def make_old_data_dir(data_dir: Path) -> Old:
         conn.execute(text("DROP TABLE keys"))
         conn.execute(text("DROP TABLE key_rings"))
         conn.execute(text("DROP TABLE leases"))  # 0009, after the keys
+        conn.execute(text("DROP TABLE emergency_uses"))  # 0010
         conn.execute(text("UPDATE alembic_version SET version_num = '0007'"))
     store.close()
     (data_dir / "kek").unlink()

@@ -16,21 +16,15 @@ from sqlalchemy import select
 from broker.api.app import create_app
 from broker.cli.main import main
 from broker.errors import ConfigError
-from broker.keys.kek import generate
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from broker.store.tables import EventRow
 from tests.conftest import eval_token, exchange_form, person_token
+from tests.keys.support import kek_file
 
 pytestmark = pytest.mark.integration
 
 Replica = tuple[TestClient, Broker]
-
-
-def kek_file(path: Path) -> Path:
-    path.write_text(generate() + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def settings(data_dir: Path, url: str, kek: Path) -> Settings:
