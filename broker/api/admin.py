@@ -12,6 +12,7 @@ from broker.api.deps import (
     BrokerDep,
     Permission,
     PersonDep,
+    listed_models,
     model_access,
     require_model,
     require_unscoped,
@@ -42,10 +43,7 @@ def list_grants(
     status: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    access = model_access(broker, person, Permission.READ_GRANTS)
-    if model:
-        require_model(access, person, model)
-    models = access.models_in(broker.policy.policy.models)
+    models = listed_models(broker, person, Permission.READ_GRANTS, model)
     found = broker.grants.find(
         model=model, subject=subject, status=status, limit=limit, models=models
     )

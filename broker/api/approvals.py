@@ -19,6 +19,7 @@ from broker.api.deps import (
     PersonDep,
     WorkloadDep,
     authenticate_any,
+    listed_models,
     model_access,
     require_model,
 )
@@ -88,10 +89,7 @@ def list_requests(
     model: str | None = None,
     limit: int = 100,
 ) -> dict[str, Any]:
-    access = model_access(broker, person, Permission.READ_APPROVALS)
-    if model:
-        require_model(access, person, model)
-    models = access.models_in(broker.policy.policy.models)
+    models = listed_models(broker, person, Permission.READ_APPROVALS, model)
     found = broker.approvals.find(status=status, model=model, limit=limit, models=models)
     return {"approvals": found}
 

@@ -153,6 +153,17 @@ def require_model(access: ModelAccess, person: Person, model: str) -> None:
         raise Forbidden(f"{person.subject} of issuer {person.issuer_name} {refusal}")
 
 
+def listed_models(
+    broker: Broker, person: Person, permission: Permission, model: str | None
+) -> list[str] | None:
+    """What a list route shows ``person``: the models their ``permission`` covers (None:
+    every model); 403 without its roles, or when the ``model`` asked for is out of scope."""
+    access = model_access(broker, person, permission)
+    if model:
+        require_model(access, person, model)
+    return access.models_in(broker.policy.policy.models)
+
+
 def require_unscoped(access: ModelAccess, person: Person, what: str) -> None:
     """403 unless ``access`` covers every model: ``what`` concerns all of them."""
     if not access.unscoped:

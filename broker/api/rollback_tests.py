@@ -13,8 +13,7 @@ from broker.api.deps import (
     Permission,
     PersonDep,
     WorkloadDep,
-    model_access,
-    require_model,
+    listed_models,
 )
 from broker.approvals.rollback_tests import ROLLBACK_TEST, Authorise
 from broker.backends.base import TOKEN_TYPE_JWT
@@ -56,9 +55,6 @@ def list_tests(
     limit: int = 100,
 ) -> dict[str, Any]:
     """Recorded rollback tests, newest first."""
-    access = model_access(broker, person, Permission.READ_APPROVALS)
-    if model:
-        require_model(access, person, model)
-    models = access.models_in(broker.policy.policy.models)
+    models = listed_models(broker, person, Permission.READ_APPROVALS, model)
     found = broker.rollback_tests.find(model=model, uri=uri, limit=limit, models=models)
     return {"rollback_tests": found}
