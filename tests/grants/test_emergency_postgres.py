@@ -4,14 +4,13 @@ behind the log's write lock, in the transaction that records the use)."""
 
 from __future__ import annotations
 
-import secrets
+import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from broker.api.app import create_app
 from broker.runtime import Broker, build_broker
@@ -26,35 +25,23 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def replicas(postgres: Postgres, tmp_path: Path) -> Iterator[list[tuple[TestClient, Broker]]]:
-    name = f"broker_{secrets.token_hex(4)}"
-    admin = create_engine(postgres.url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    url = postgres.url.rsplit("/", 1)[0] + f"/{name}"
     policy = vendor_policy(tmp_path)
-    brokers = []
-    try:
-        kek = kek_file(tmp_path / "kek")  # the replicas share the KEK (docs/deployment.md)
+    kek = kek_file(tmp_path / "kek")  # the replicas share the KEK (docs/deployment.md)
+    with postgres.database() as url, contextlib.ExitStack() as stack:
+        brokers = []
         for n in range(2):
-            data_dir = tmp_path / f"replica-{n}"
             settings = Settings(
-                dev=True, data_dir=data_dir, policy=policy, database_url=url, kek_file=kek
+                dev=True,
+                data_dir=tmp_path / f"replica-{n}",
+                policy=policy,
+                database_url=url,
+                kek_file=kek,
             )
-            brokers.append(build_broker(settings))
-        clients = [TestClient(create_app(broker=b)) for b in brokers]
-        for c in clients:
-            c.__enter__()
-        try:
-            yield list(zip(clients, brokers, strict=True))
-        finally:
-            for c in clients:
-                c.__exit__(None, None, None)
-    finally:
-        for b in brokers:
-            b.close()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+            broker = build_broker(settings)
+            stack.callback(broker.close)
+            brokers.append(broker)
+        clients = [stack.enter_context(TestClient(create_app(broker=b))) for b in brokers]
+        yield list(zip(clients, brokers, strict=True))
 
 
 def test_racing_replicas_issue_exactly_the_cap(
