@@ -341,6 +341,7 @@ def _command(opts: ServerOptions, port: int, data_dir: Path) -> list[str]:
         *("--app-dir", str(Path(__file__).parent)),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", str(opts.workers)),
         *("--loop", loop, "--http", http, "--log-level", "warning", "--no-access-log"),
+        "--no-proxy-headers",  # as `broker serve` runs it
     ]
 
 

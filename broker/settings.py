@@ -20,6 +20,7 @@ from broker.logs import LogFormat
 from broker.store.db import sqlite_url
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+WorkerAffinity = Literal["auto", "off"]
 EXAMPLE_POLICY = Path(__file__).resolve().parents[1] / "examples" / "policy.yaml"
 
 
@@ -94,6 +95,9 @@ class Settings(BaseSettings):
     """...and per second after that, before it is answered 429."""
     trusted_proxies: str = ""
     """Addresses or networks (comma-separated) whose X-Forwarded-For names the client."""
+    worker_affinity: WorkerAffinity = "auto"
+    """``serve --workers N``: ``auto`` pins each worker to a CPU of its own when the process may
+    run on at least N; ``off`` leaves the scheduler free (docs/deployment.md)."""
     audit_publish_s3: str | None = None
     """``s3://bucket[/prefix]``: publish every signed checkpoint there (docs/audit.md)..."""
     audit_publish_s3_retention_days: int | None = Field(default=None, ge=1)

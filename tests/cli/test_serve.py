@@ -1,6 +1,7 @@
 """``broker serve`` over real HTTP with JSON logs and the access log: every line on stderr is
 one JSON object, each request's access line carries the id its answer returned, no query string
-reaches the log (uvicorn's own access log stays off), and /metrics counts the traffic."""
+reaches the log (uvicorn's own access log stays off), X-Forwarded-For from an untrusted peer
+(loopback included) names no client, and /metrics counts the traffic."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from broker.cli.serve import plan_affinity
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, exchange_form
 from tests.poll import poll
 from tests.scrape import parse
@@ -53,9 +57,10 @@ def test_serve_writes_json_lines_with_request_ids_and_counts_the_traffic(
             with httpx.Client(base_url=url, timeout=10) as http:
                 mint = {"sub": EVAL_SUB, "claims": {"job_workflow_ref": EVAL_WORKFLOW}}
                 token = http.post("/dev/token", json=mint).json()["token"]
-                issued = http.post(
-                    "/v1/token", data=exchange_form(token), headers={"X-Request-ID": "ok-1"}
-                )
+                # uvicorn by default believes X-Forwarded-For from loopback: the broker must
+                # not (no BROKER_TRUSTED_PROXIES here), or any local caller picks its address.
+                spoofed = {"X-Request-ID": "ok-1", "X-Forwarded-For": "203.0.113.9"}
+                issued = http.post("/v1/token", data=exchange_form(token), headers=spoofed)
                 refused = http.post(f"/v1/token?subject_token={SECRET}", data=exchange_form("x"))
                 metrics = parse(http.get("/metrics").text)
         finally:
@@ -78,3 +83,19 @@ def test_serve_writes_json_lines_with_request_ids_and_counts_the_traffic(
     assert access["ok-1"] == ("POST", "/v1/token", 200, "127.0.0.1")
     assert access[refused.headers["X-Request-ID"]] == ("POST", "/v1/token", 400, "127.0.0.1")
     assert not [line for line in lines if line["logger"].startswith("uvicorn.access")]
+
+
+def test_workers_are_pinned_only_when_each_can_have_a_cpu_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` plans one slot per worker on the CPUs this process may use; ``off``, a single
+    worker, or more workers than CPUs plan none (tests/integration/test_workers.py runs it)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 2, 5})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert plan_affinity("off", 2) is None
+    assert plan_affinity("auto", 1) is None
+    assert plan_affinity("auto", 4) is None
+    slots = plan_affinity("auto", 2)
+    assert slots is not None and slots.parent == tmp_path
+    assert sorted(p.name for p in slots.iterdir()) == ["cpu-0", "cpu-2"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in slots.iterdir())

@@ -2,10 +2,12 @@
 database. Killed with SIGKILL under load (the worker holding the maintenance lease, twice),
 uvicorn's supervisor starts a new worker in its place; nothing a client was given is lost, the
 log stays dense and verifies, the singletons move to the other worker, and a single-use token
-stays single-use across the two."""
+stays single-use across the two. Each worker runs on a CPU of its own, the replacement on the
+dead one's."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,10 +42,34 @@ def server(tmp_path: Path) -> Iterator[Server]:
         yield server
 
 
+def cpus_of(workers: list[int]) -> list[set[int]] | None:
+    """The CPUs each worker may run on (every thread of it), or None when one is gone."""
+    try:
+        return [
+            set().union(*(os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{pid}/task")))
+            for pid in workers
+        ]
+    except OSError:
+        return None
+
+
+def pinned_apart(server: Server) -> bool:
+    """Each worker (all its threads) on one CPU, no two on the same one; when this machine lets
+    the test run on fewer CPUs than workers, each on all of them (the broker pins nobody)."""
+    allowed = os.sched_getaffinity(0)
+    cpus = cpus_of(server.workers())
+    if cpus is None or len(cpus) != WORKERS:
+        return False
+    if len(allowed) < WORKERS:
+        return all(c == allowed for c in cpus)
+    return all(len(c) == 1 for c in cpus) and len(set().union(*cpus)) == WORKERS
+
+
 def test_workers_killed_under_load_lose_nothing_and_are_replaced(server: Server) -> None:
     store = Store(sqlite_url(server.data_dir))
     try:
         assert wait_until(lambda: len(server.workers()) == WORKERS, timeout=TAKEOVER_S)
+        assert wait_until(lambda: pinned_apart(server), timeout=TAKEOVER_S)
         assert wait_until(lambda: holder_pid(store) in server.workers(), timeout=TAKEOVER_S)
         issuer = dev_issuer(store, server.data_dir / "kek")  # the embedded default's KEK
         holders = []
@@ -71,6 +97,7 @@ def test_workers_killed_under_load_lose_nothing_and_are_replaced(server: Server)
                     ),
                     timeout=TAKEOVER_S * 3,
                 )
+                assert wait_until(lambda: pinned_apart(server), timeout=TAKEOVER_S)
                 assert wait_until(
                     lambda n=served_before: load.count() > n + 20,  # type: ignore[misc]
                     timeout=TAKEOVER_S,

@@ -4,6 +4,7 @@ take turns, and group commits answer only after their commit."""
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import sqlite3
 import stat
@@ -23,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from broker.audit.log import AuditLog
 from broker.errors import AuditUnavailable, InvalidRequest
+from broker.store import db
 from broker.store.db import (
     HEAD_REVISION,
     MIGRATIONS,
@@ -436,3 +438,43 @@ def test_processes_sharing_a_sqlite_file_queue_on_its_writer_lock(
             pass
     finally:
         other.close()
+
+
+def test_a_waiting_writer_tries_often_at_first_then_backs_off_until_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's group commit holds the lock for milliseconds: the waiter tries every
+    LOCK_POLL_S for LOCK_POLL_FOR_S (so it wakes soon after), then backs off to LOCK_POLL_MAX_S,
+    and fails closed at its deadline."""
+    path = tmp_path / "db-writer.lock"
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    waiter = os.open(path, os.O_RDWR)
+    clock = [100.0]
+    pauses: list[float] = []
+
+    class FakeTime:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            pauses.append(seconds)
+            clock[0] += seconds
+
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        monkeypatch.setattr(db, "time", FakeTime)
+        with pytest.raises(AuditUnavailable, match="another process held"):
+            db._lock_file(waiter, deadline=clock[0] + 0.5)
+        early = [p for p in pauses if p == db.LOCK_POLL_S]
+        assert len(early) >= db.LOCK_POLL_FOR_S / db.LOCK_POLL_S - 1
+        assert pauses[: len(early)] == early  # the short pauses come first
+        assert max(pauses) == db.LOCK_POLL_MAX_S
+        assert pauses == sorted(pauses)
+        assert 0.5 <= clock[0] - 100.0 < 0.5 + db.LOCK_POLL_MAX_S * 2
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        db._lock_file(waiter, deadline=clock[0] + 0.5)  # free now: taken at once
+    finally:
+        os.close(waiter)
+        os.close(holder)
