@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -74,7 +75,10 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         instance.start_maintenance()
+        # SQLite: the exchange's common case and its group commit on this loop (token.exchange).
+        instance.grants.attach_loop(asyncio.get_running_loop())
         yield
+        await instance.grants.detach_loop()  # before the threads that may wait for a commit
         exchanges.shutdown(wait=True)  # exchanges under way finish before the store closes
         instance.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from concurrent.futures import Executor
 from typing import Annotated, Any
@@ -33,7 +34,7 @@ from broker.grants.introspection import introspect
 from broker.grants.refusals import RefusalBudget
 from broker.grants.service import ExchangeRequest, ExchangeResult, GrantService
 from broker.runtime import Broker
-from broker.store.db import Finished, advance
+from broker.store.db import Finished, OffLoop, advance, advance_in_thread
 
 router = APIRouter()
 log = logging.getLogger("broker.api")
@@ -217,34 +218,49 @@ def _answer(result: ExchangeResult) -> dict[str, Any]:
 
 
 async def exchange(grants: GrantService, req: ExchangeRequest, pool: Executor) -> ExchangeResult:
-    """:meth:`GrantService.exchange` for the event loop. Its first part (verification,
-    decision, signing; key fetches, approvals and external backends may block) runs in one
-    thread of ``pool``, which is then free again: the loop, not the thread, awaits the group
-    commit, and resumes the rest (the answer, or the denial after a replay) itself.
+    """:meth:`GrantService.exchange` for the event loop. When the group commit writes on this
+    loop (SQLite, :meth:`GrantService.attach_loop`), the steps run here, and from an OFF_LOOP
+    on (keys to fetch, approvals, break-glass, external backends) in a thread of ``pool``
+    until their next write; otherwise their first part runs in the pool. The loop, not a
+    thread, awaits each group commit and resumes the rest (the answer, or the denial after a
+    replay) itself.
 
-    NOTE: a thread blocked until the commit cost a wake-up per exchange and kept up to 40
-    threads contending for the GIL, and anyio's thread hop cost more loop time than the
-    executor's; see docs/performance.md."""
+    NOTE: one thread for the common case: in a worker pinned to one CPU, every hand-off
+    between the loop, an exchange thread and the writer is a wait for the GIL, and a writer
+    waiting for it holds the store's write lock (docs/performance.md). A thread blocked until
+    the commit cost a wake-up per exchange, and anyio's thread hop more loop time than the
+    executor's."""
     steps = grants.exchange_steps(req)
+    loop = asyncio.get_running_loop()
     # The thread's log lines carry the request id too (run_in_executor copies no context).
     context = contextvars.copy_context()
-    step = await asyncio.get_running_loop().run_in_executor(pool, context.run, advance, steps)
+    if grants.steps_on_loop:
+        step = advance(steps)
+    else:
+        step = await loop.run_in_executor(pool, context.run, advance_in_thread, steps)
     while not isinstance(step, Finished):
-        step = advance(steps, await _committed(grants, step))
+        if isinstance(step, OffLoop):
+            step = await loop.run_in_executor(pool, context.run, advance_in_thread, steps)
+        else:
+            step = advance(steps, await _committed(grants, step))
     return step.value
 
 
 async def _committed(grants: GrantService, write: Any) -> Exception | None:
     """Queue ``write`` for the group commit and wait for its outcome on the loop."""
     loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
     outcome: asyncio.Future[Exception | None] = loop.create_future()
 
     def settle(error: Exception | None) -> None:
         if not outcome.done():
             outcome.set_result(error)
 
-    def done(error: Exception | None) -> None:  # called from the writer thread
-        loop.call_soon_threadsafe(settle, error)
+    def done(error: Exception | None) -> None:  # on this loop, or in the writer thread
+        if threading.get_ident() == loop_thread:
+            settle(error)
+        else:
+            loop.call_soon_threadsafe(settle, error)
 
     try:
         grants.commit_later(write, done)

@@ -7,6 +7,7 @@ dropped unseen and the caller gets 503. Every attempt, allowed or denied, is an 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import logging
@@ -56,11 +57,11 @@ from broker.grants.lineage import lineage_datasets, parse_lineage
 from broker.grants.model import Grant, GrantStatus
 from broker.grants.revocation import Revocations
 from broker.identity.types import Person, WorkloadIdentity
-from broker.identity.verifier import LEEWAY_SECONDS, Verifier
+from broker.identity.verifier import LEEWAY_SECONDS, KeysNotReady, Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
 from broker.policy.model import ActionConfig, EmergencyConfig
 from broker.policy.roles import ModelAccess, may_interfere
-from broker.store.db import GroupCommit, Steps, Store
+from broker.store.db import OFF_LOOP, GroupCommit, OffLoop, Steps, Store
 from broker.store.tables import GrantRow, UsedTokenRow
 
 log = logging.getLogger("broker.grants")
@@ -195,6 +196,21 @@ class GrantService:
         """Commit the exchanges still queued and stop the group-commit writer."""
         self._writes.close()
 
+    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """On SQLite, write the group commits on ``loop`` and run exchanges' steps there up to
+        their first OFF_LOOP (see :meth:`exchange_steps`, ``broker.api.token.exchange``);
+        True then. Call it on the loop."""
+        return self._writes.attach(loop)
+
+    async def detach_loop(self) -> None:
+        """Back to the writer thread (see GroupCommit.detach)."""
+        await self._writes.detach()
+
+    @property
+    def steps_on_loop(self) -> bool:
+        """Whether the API runs exchanges' steps on its loop (see :meth:`attach_loop`)."""
+        return self._writes.on_loop
+
     # --- exchange ------------------------------------------------------------------------------
 
     def exchange(self, req: ExchangeRequest) -> ExchangeResult:
@@ -203,17 +219,24 @@ class GrantService:
         ``exchange.denied`` event before it is raised."""
         return self._writes.drive(self.exchange_steps(req))
 
-    def exchange_steps(self, req: ExchangeRequest) -> Steps[_ExchangeWrite, ExchangeResult]:
+    def exchange_steps(
+        self, req: ExchangeRequest
+    ) -> Steps[_ExchangeWrite | OffLoop, ExchangeResult]:
         """:meth:`exchange` as steps (see :class:`~broker.store.db.Steps`): it yields the writes
         for the group commit, which :meth:`commit_later` takes, and is resumed with each one's
-        outcome. NOTE: everything up to the first yield may block (keys, approvals, external
-        backends); nothing after a yield does, so the API resumes it on its event loop."""
+        outcome. NOTE: it yields OFF_LOOP before anything that may block (keys to fetch or
+        read, approvals, break-glass, external backends, a transaction of its own); the rest
+        of it, the common case whole, runs on the API's event loop."""
         # NOTE: fail closed while the store is proven rewritten (a cached verdict: no query).
         self.audit.integrity.refuse_issuance()
         identity: WorkloadIdentity | None = None
         attempt = _Attempt()
         try:
-            identity = self.verifier.verify_workload(req.subject_token)
+            try:
+                identity = self.verifier.verify_workload(req.subject_token, offline=True)
+            except KeysNotReady:
+                yield OFF_LOOP
+                identity = self.verifier.verify_workload(req.subject_token)
             if identity.jti is not None and len(identity.jti) > MAX_JTI_CHARS:
                 raise IdentityRejected(f"claim jti: longer than {MAX_JTI_CHARS} characters")
             return (yield from self._allow(identity, req, attempt))
@@ -343,9 +366,11 @@ class GrantService:
 
     def _allow(
         self, identity: WorkloadIdentity, req: ExchangeRequest, attempt: _Attempt
-    ) -> Steps[_ExchangeWrite, ExchangeResult]:
+    ) -> Steps[_ExchangeWrite | OffLoop, ExchangeResult]:
         backend = self.backends.for_token_type(req.token_type)
         decision, lineage = self.decide(identity, req, backend.name)
+        if req.emergency or decision.outcome is Outcome.APPROVAL_REQUIRED or backend.external:
+            yield OFF_LOOP  # the store (approvals, break-glass counts) or the backend's network
         grant_id = _new_grant_id()
         emergency, decision, approval_id, binding, audience = self._gate(
             identity, req, decision, lineage, grant_id
@@ -579,7 +604,7 @@ class GrantService:
         error: BrokerError,
         *,
         consume: bool,
-    ) -> Steps[_ExchangeWrite, None]:
+    ) -> Steps[_ExchangeWrite | OffLoop, None]:
         """Record a refused attempt, then give ``error`` the event's ``audit_index``.
         NOTE: a single-use token is spent by the first attempt that passes verification,
         whatever the decision, so a refused token cannot be retried. Every caller-supplied

@@ -251,6 +251,25 @@ class JWKSCache:
             )
         return _select(keys, issuer, kid)
 
+    def ready(self, issuer: IssuerConfig, kid: str | None) -> bool:
+        """Whether :meth:`key_for` would answer from memory: a dev issuer; a file whose keys
+        were read and which is unchanged since (one ``stat``); fetched keys that are not due
+        for a refresh (and know ``kid``). For the event loop, which must not wait for a
+        fetch (``broker.api.token.exchange``)."""
+        if issuer.dev:
+            return True
+        state = self._states.get(_ident(issuer))
+        if state is None or state.keys is None:
+            return False
+        if issuer.jwks_file is not None:
+            try:
+                st = os.stat(issuer.jwks_file)
+            except OSError:
+                return False
+            return (st.st_mtime_ns, st.st_size, st.st_ino) == state.loaded_stamp
+        refresh_age = min(self._refresh_after, issuer.max_key_age / 2)
+        return not _due(state, kid, self._clock(), refresh_age)
+
     def age(self, issuer: IssuerConfig) -> float | None:
         """Seconds since ``issuer``'s keys were last fetched (or its file last found unchanged),
         for the metrics; None for a dev issuer and for one whose keys no token needed yet or

@@ -77,6 +77,16 @@ class KeySource(Protocol):
         """The issuer's key with this ``kid``; raises :class:`IdentityRejected` if none fits."""
         ...
 
+    def ready(self, issuer: IssuerConfig, kid: str | None) -> bool:
+        """Whether :meth:`key_for` would answer from memory: no fetch, no file read, no wait
+        for another thread's fetch."""
+        ...
+
+
+class KeysNotReady(Exception):
+    """``verify_workload(..., offline=True)``: the issuer's keys need a fetch or a read first,
+    which may block; nothing else was decided. Verify again where blocking is allowed."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Trusted:
@@ -285,13 +295,14 @@ class Verifier:
             for i in policy.issuers
         }
 
-    def verify_workload(self, token: str) -> WorkloadIdentity:
+    def verify_workload(self, token: str, *, offline: bool = False) -> WorkloadIdentity:
         """Verify a workload identity token from a ``kind: workload`` issuer.
 
         Returns the sealed identity with the profile's ``attributes`` and all claims flattened.
-        Raises :class:`IdentityRejected` naming the first check that failed.
+        Raises :class:`IdentityRejected` naming the first check that failed. ``offline``: for
+        the event loop, raise :class:`KeysNotReady` instead of fetching or reading keys.
         """
-        verified = self._verify(token, "workload")
+        verified = self._verify(token, "workload", offline=offline)
         config = verified.trusted.config
         claims = verified.claims
         subject: str = claims["sub"]
@@ -340,7 +351,7 @@ class Verifier:
             expires_at=int(verified.claims["exp"]),
         )
 
-    def _verify(self, token: str, kind: IssuerKind) -> _Verified:
+    def _verify(self, token: str, kind: IssuerKind, *, offline: bool = False) -> _Verified:
         # ``stage`` names the class of a rejection (IdentityRejected.reason), which the
         # unverified-refusal summaries count.
         stage = "malformed"
@@ -362,6 +373,8 @@ class Verifier:
                     f"(allowed: {', '.join(config.algorithms)})"
                 )
             stage = "bad_signature"
+            if offline and not self._keys.ready(config, kid):
+                raise KeysNotReady
             key = self._keys.key_for(config, kid)
             _check_signature(header_b64, payload_b64, signature_b64, key, alg, kid, config)
             claims = _check_claims(unverified, config)

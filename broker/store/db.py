@@ -6,6 +6,7 @@ nothing was recorded, so nothing may be issued.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.errors import AuditUnavailable
 from broker.store.files import create_owner_only, owner_only
+from broker.store.loop_commit import LOCK_POLL_FOR_S, LOCK_POLL_MAX_S, LOCK_POLL_S, LoopCommit
 
 log = logging.getLogger("broker.store")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -76,13 +78,6 @@ def _writer_lock_file(database: str | None) -> int | None:
         return None
     path = Path(database).with_name(Path(database).name + "-writer.lock")
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-
-
-LOCK_POLL_S = 0.0001
-"""How often a writer waiting for another process's write lock tries again, for LOCK_POLL_FOR_S;
-then at most every LOCK_POLL_MAX_S."""
-LOCK_POLL_FOR_S = 0.02
-LOCK_POLL_MAX_S = 0.002
 
 
 def _lock_file(fd: int, deadline: float) -> None:
@@ -236,6 +231,37 @@ class Store:
         finally:
             lock.release()
 
+    @property
+    def single_writer(self) -> bool:
+        """Whether writes take turns on this store's locks (SQLite), see :meth:`try_writer`."""
+        return self._write_lock is not None
+
+    def try_writer(self) -> bool:
+        """Take the writer locks :meth:`write` waits for (this process's, then the other
+        processes' lock file) if both are free now; True when taken. Never waits: for the
+        event loop's group commit (:mod:`broker.store.loop_commit`), which tries again later.
+        Whoever took them gives them back with :meth:`release_writer`, from any thread."""
+        lock = self._write_lock
+        if lock is None:
+            return True
+        if not lock.acquire(blocking=False):
+            return False
+        if self._writer_file is not None:
+            try:
+                fcntl.flock(self._writer_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.release()
+                return False
+        return True
+
+    def release_writer(self) -> None:
+        """Give back the locks :meth:`try_writer` took."""
+        if self._write_lock is None:
+            return
+        if self._writer_file is not None:
+            fcntl.flock(self._writer_file, fcntl.LOCK_UN)
+        self._write_lock.release()
+
     def probe_write(self) -> str | None:
         """None when a write transaction can commit now; else why not (``the store cannot
         write (OperationalError: database or disk is full)``). For readiness: cheap, one tiny
@@ -332,14 +358,37 @@ class Finished(Generic[R]):
     value: R
 
 
-def advance(steps: Steps[T, R], error: Exception | None = None) -> T | Finished[R]:
+class OffLoop:
+    """What steps yield (:data:`OFF_LOOP`) before work that may block (a network call, a lock,
+    a transaction of its own): whoever runs them on an event loop resumes them in a thread;
+    in a thread they just go on."""
+
+    __slots__ = ()
+
+
+OFF_LOOP = OffLoop()
+
+
+def advance(
+    steps: Steps[T | OffLoop, R], error: Exception | None = None
+) -> T | OffLoop | Finished[R]:
     """Run ``steps`` to its next item (first call: ``error`` None), resuming it with the last
-    item's outcome: ``error`` is thrown in. Returns the next item, or Finished with the result;
-    the steps' own errors propagate."""
+    item's outcome: ``error`` is thrown in. Returns the next item (or OFF_LOOP), or Finished
+    with the result; the steps' own errors propagate."""
     try:
         return steps.send(None) if error is None else steps.throw(error)
     except StopIteration as stop:
         return Finished(stop.value)
+
+
+def advance_in_thread(
+    steps: Steps[T | OffLoop, R], error: Exception | None = None
+) -> T | Finished[R]:
+    """:func:`advance` for a thread, where blocking is allowed: past every OFF_LOOP."""
+    step = advance(steps, error)
+    while isinstance(step, OffLoop):
+        step = advance(steps)
+    return step
 
 
 @dataclass(eq=False, slots=True)
@@ -367,11 +416,47 @@ class GroupCommit(Generic[T]):
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._on_loop: LoopCommit[T] | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """On SQLite, write the batches on ``loop`` from now on and commit them in a thread
+        (:mod:`broker.store.loop_commit`); True then. Call it on the loop. Elsewhere nothing
+        changes (False): on PostgreSQL a statement waits for the network and for other
+        replicas' row locks, which must not stop the loop."""
+        if self._on_loop is None and self._store.single_writer:
+            self._on_loop = LoopCommit(
+                self._store,
+                self._write,
+                loop,
+                max_batch=self._max_batch,
+                busy_timeout=BUSY_TIMEOUT_S,
+            )
+        return self._on_loop is not None
+
+    @property
+    def on_loop(self) -> bool:
+        """Whether the batches are written on an event loop (see :meth:`attach`)."""
+        return self._on_loop is not None
+
+    async def detach(self) -> None:
+        """Back to the writer thread: the loop's batch under way ends first, and what the loop
+        still had queued goes to the thread. Call it on the loop, before its exchange threads
+        are shut down (they may be waiting for a commit)."""
+        on_loop = self._on_loop
+        if on_loop is not None:
+            await on_loop.close(self._to_thread)
+            self._on_loop = None
 
     def submit(self, item: T, done: Done) -> None:
-        """Queue ``item`` for the next group commit; the writer thread calls ``done`` with its
-        outcome (see :data:`Done`) once its batch ended. Raises AuditUnavailable (and never
-        calls ``done``) when the writer has been closed."""
+        """Queue ``item`` for the next group commit; ``done`` is called with its outcome (see
+        :data:`Done`) once its batch ended: in the writer thread, or on the loop when attached.
+        Raises AuditUnavailable (and never calls ``done``) when the writer has been closed."""
+        on_loop = self._on_loop
+        if on_loop is not None and on_loop.submit(item, done):
+            return
+        self._to_thread(item, done)
+
+    def _to_thread(self, item: T, done: Done) -> None:
         with self._wake:
             if self._closed:
                 raise AuditUnavailable("the broker is shutting down; nothing was issued")
@@ -385,7 +470,11 @@ class GroupCommit(Generic[T]):
 
     def run(self, item: T) -> None:
         """Write ``item`` in the next group commit and wait until it committed. Raises the
-        item's own error, or AuditUnavailable when its batch did not commit."""
+        item's own error, or AuditUnavailable when its batch did not commit. Not on the loop
+        the batches are written on (it would wait for itself): RuntimeError there."""
+        on_loop = self._on_loop
+        if on_loop is not None and on_loop.on_loop():
+            raise RuntimeError("GroupCommit.run() on the loop that writes the batches")
         ended = threading.Event()
         outcome: list[Exception | None] = []
 
@@ -398,16 +487,16 @@ class GroupCommit(Generic[T]):
         if outcome[0] is not None:
             raise outcome[0]
 
-    def drive(self, steps: Steps[T, R]) -> R:
+    def drive(self, steps: Steps[T | OffLoop, R]) -> R:
         """Run ``steps`` in this thread, waiting here for each of its group commits."""
-        step = advance(steps)
+        step = advance_in_thread(steps)
         while not isinstance(step, Finished):
             try:
                 self.run(step)
             except Exception as exc:  # the item's outcome: the steps handle it
-                step = advance(steps, exc)
+                step = advance_in_thread(steps, exc)
             else:
-                step = advance(steps)
+                step = advance_in_thread(steps)
         return step.value
 
     def close(self) -> None:

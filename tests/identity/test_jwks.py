@@ -431,3 +431,33 @@ def test_age_is_none_for_an_issuer_that_never_got_good_keys(
     with pytest.raises(IdentityRejected):
         cache.key_for(broken, "rsa-1")
     assert cache.age(broken) is None
+
+
+def test_ready_says_when_key_for_would_not_fetch_read_or_wait(
+    cache: JWKSCache,
+    remote: IssuerConfig,
+    key_server: KeyServer,
+    rsa_signer: Signer,
+    clock: Clock,
+    tmp_path: Path,
+) -> None:
+    """The event loop verifies a token itself only when ``ready``: keys fetched and not due
+    for a refresh (and knowing the kid), or a file read and unchanged since. ``ready`` itself
+    never fetches."""
+    assert not cache.ready(remote, "rsa-1")  # nothing fetched yet
+    assert key_server.count(JWKS_PATH) == 0
+    cache.key_for(remote, "rsa-1")
+    assert cache.ready(remote, "rsa-1")
+    assert not cache.ready(remote, "rsa-unknown")  # key_for would refresh for an unknown kid
+    clock.advance(301)  # past refresh_after: due
+    assert not cache.ready(remote, "rsa-1")
+    assert key_server.count(JWKS_PATH) == 1
+
+    path = tmp_path / "jwks.json"
+    write_jwks(path, rsa_signer.jwk(), mtime=NOW - 10)
+    local = issuer(name="local", jwks_file=str(path))
+    assert not cache.ready(local, "rsa-1")
+    cache.key_for(local, "rsa-1")
+    assert cache.ready(local, "rsa-1")
+    write_jwks(path, rsa_signer.jwk(), mtime=NOW)  # changed: key_for would read it again
+    assert not cache.ready(local, "rsa-1")
