@@ -15,6 +15,13 @@ committer, once per batch. The loop never blocks on a lock: it tries the writer 
 (``Store.try_writer``) and, when another process holds them, tries again after a pause (every
 100 µs for 20 ms, then every 2 ms), failing the batch closed after ``BUSY_TIMEOUT_S``.
 
+The loop lowers the interpreter's switch interval (``sys.setswitchinterval``) from 5 ms to
+SWITCH_S while it is attached, and restores it when detached: after its fsync the committer
+needs the GIL back to give the locks up, and a busy loop lets go of it only when the interval
+is up (measured: 5.2 ms at 5 ms, 0.65 ms at 0.5 ms), so every batch held the write lock 5 ms
+longer than its commit. Threads contend for the GIL rarely here (the loop does the work), so
+the shorter interval costs the loop next to nothing.
+
 Fail closed as in the thread: a batch whose statements or commit fail answers every caller in it
 with AuditUnavailable; a caller learns of success only after its batch committed.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +55,9 @@ Done = Callable[[Exception | None], None]
 
 _Job = tuple[Connection, Any, list[tuple[T, Done]], Outcomes, After]
 """A written batch for the committer: its connection, its transaction, callers, outcomes."""
+
+SWITCH_S = 0.0005
+"""The switch interval while a loop writes the batches (see the module's docstring)."""
 
 LOCK_POLL_S = 0.0001
 """How often a writer waiting for another process's write lock tries again (here, and in
@@ -83,6 +94,8 @@ class LoopCommit(Generic[T]):
             target=self._commit_loop, name="broker-committer", daemon=True
         )
         self._committer.start()
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, SWITCH_S))
 
     def on_loop(self) -> bool:
         """Whether the caller runs on this loop's thread (and so may be answered directly)."""
@@ -111,6 +124,7 @@ class LoopCommit(Generic[T]):
             fallback(item, done)
         self._jobs.put(None)
         await asyncio.to_thread(self._committer.join, self._busy_timeout * 2)
+        sys.setswitchinterval(self._switch)
 
     # --- on the loop ---------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ closed past the wait), and detaching hands what is queued to the writer thread."
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
 from broker.errors import AuditUnavailable, InvalidRequest
-from broker.store import db
+from broker.store import db, loop_commit
 from broker.store.db import GroupCommit, Store, sqlite_url
 from broker.store.tables import UsedTokenRow
 from tests.store.test_db import NOW, _jtis, _spend_all
@@ -222,4 +223,23 @@ def test_detaching_hands_the_queue_to_the_writer_thread_and_loses_nothing(store:
     group.run("after")  # the writer thread again
     assert _jtis(store) == ["after", "q1", "q2", "t1"]
     other.close()
+    group.close()
+
+
+def test_the_switch_interval_is_short_while_a_loop_writes_and_restored_after(
+    store: Store,
+) -> None:
+    """After its fsync the committer needs the GIL back to give up the write lock; a busy loop
+    lets go only when the switch interval is up, so the interval is short while attached."""
+    before = sys.getswitchinterval()
+    group = GroupCommit(store, _spend_all())
+
+    async def main() -> float:
+        group.attach(asyncio.get_running_loop())
+        during = sys.getswitchinterval()
+        await group.detach()
+        return during
+
+    assert asyncio.run(main()) <= loop_commit.SWITCH_S < before
+    assert sys.getswitchinterval() == before
     group.close()
