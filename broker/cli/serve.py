@@ -22,6 +22,18 @@ from typing import Any
 
 APP = "broker.cli.serve:app_from_env"
 DEV_APP = "broker.cli.serve:dev_app_from_env"
+UVICORN: dict[str, Any] = {
+    "log_level": "warning",
+    # NOTE: uvicorn's own access log prints query strings (a token may be in one): it stays
+    # off; BROKER_ACCESS_LOG turns on the broker's (docs/observability.md).
+    "access_log": False,
+    # uvicorn's lines go through the handler configure_logging set up, in the same format.
+    "log_config": None,
+    # NOTE: uvicorn would believe X-Forwarded-For from any loopback peer; the broker reads it
+    # itself, from BROKER_TRUSTED_PROXIES only (docs/security.md).
+    "proxy_headers": False,
+}
+"""How ``serve`` runs uvicorn, with one worker or several."""
 SLOTS_ENV = "BROKER_WORKER_SLOTS"
 """Set by the supervisor for its workers: the directory of per-CPU slot files (not a setting)."""
 
@@ -53,23 +65,12 @@ def serve(
         overrides["dev"] = True
     settings = Settings(**overrides)
     configure_logging(settings.log_format, settings.log_level)
-    # NOTE: uvicorn's own access log prints query strings (a token may be in one): it stays
-    # off; BROKER_ACCESS_LOG turns on the broker's (docs/observability.md). log_config=None:
-    # uvicorn's lines go through the handler configured here, in the same format.
     if workers == 1:
         from broker.api.app import create_app  # noqa: PLC0415
 
         app = create_app(settings)
         resolved = app.state.broker.settings
-        uvicorn.run(
-            app,
-            host=resolved.host,
-            port=resolved.port,
-            log_level="warning",
-            access_log=False,
-            log_config=None,
-            proxy_headers=False,
-        )
+        uvicorn.run(app, host=resolved.host, port=resolved.port, **UVICORN)
         return
     resolved = prepare(settings)
     # NOTE: the workers are new processes (spawned): they read their settings from the
@@ -95,10 +96,7 @@ def serve(
             workers=workers,
             host=resolved.host,
             port=resolved.port,
-            log_level="warning",
-            access_log=False,
-            log_config=None,
-            proxy_headers=False,
+            **UVICORN,
         )
     finally:
         if slots is not None:

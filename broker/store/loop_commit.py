@@ -94,8 +94,7 @@ class LoopCommit(Generic[T]):
             target=self._commit_loop, name="broker-committer", daemon=True
         )
         self._committer.start()
-        self._switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch, SWITCH_S))
+        _short_switch(+1)
 
     def on_loop(self) -> bool:
         """Whether the caller runs on this loop's thread (and so may be answered directly)."""
@@ -108,8 +107,11 @@ class LoopCommit(Generic[T]):
             return False
         if self.on_loop():
             self._queued(item, done)
-        else:
+            return True
+        try:
             self._loop.call_soon_threadsafe(self._queued, item, done)
+        except RuntimeError:  # the loop is closed (stopped without detaching): the thread
+            return False
         return True
 
     async def close(self, fallback: Callable[[T, Done], None]) -> None:
@@ -124,7 +126,7 @@ class LoopCommit(Generic[T]):
             fallback(item, done)
         self._jobs.put(None)
         await asyncio.to_thread(self._committer.join, self._busy_timeout * 2)
-        sys.setswitchinterval(self._switch)
+        _short_switch(-1)
 
     # --- on the loop ---------------------------------------------------------------------------
 
@@ -208,6 +210,27 @@ class LoopCommit(Generic[T]):
             finally:
                 self._store.release_writer()
             self._loop.call_soon_threadsafe(self._end, batch, outcomes, after)
+
+
+_switch_lock = threading.Lock()
+_switch_users: list[float] = []  # the interval before the first attached loop, while any is
+
+
+def _short_switch(change: int) -> None:
+    """The first attached loop shortens the switch interval to SWITCH_S, the last one to close
+    restores it (several brokers in one process: tests)."""
+    with _switch_lock:
+        if change > 0:
+            if not _switch_users:
+                before = sys.getswitchinterval()
+                sys.setswitchinterval(min(before, SWITCH_S))
+            else:
+                before = _switch_users[0]
+            _switch_users.append(before)
+        elif _switch_users:
+            before = _switch_users.pop()
+            if not _switch_users:
+                sys.setswitchinterval(before)
 
 
 def _failure(exc: Exception) -> AuditUnavailable:

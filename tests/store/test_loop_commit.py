@@ -232,14 +232,19 @@ def test_the_switch_interval_is_short_while_a_loop_writes_and_restored_after(
     """After its fsync the committer needs the GIL back to give up the write lock; a busy loop
     lets go only when the switch interval is up, so the interval is short while attached."""
     before = sys.getswitchinterval()
-    group = GroupCommit(store, _spend_all())
+    group, other = GroupCommit(store, _spend_all()), GroupCommit(store, _spend_all())
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         group.attach(asyncio.get_running_loop())
+        other.attach(asyncio.get_running_loop())  # two brokers in one process (tests)
         during = sys.getswitchinterval()
         await group.detach()
-        return during
+        still = sys.getswitchinterval()
+        await other.detach()
+        return during, still
 
-    assert asyncio.run(main()) <= loop_commit.SWITCH_S < before
+    during, still = asyncio.run(main())
+    assert during == still <= loop_commit.SWITCH_S < before
     assert sys.getswitchinterval() == before
     group.close()
+    other.close()
