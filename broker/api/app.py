@@ -79,7 +79,9 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         instance.grants.attach_loop(asyncio.get_running_loop())
         yield
         await instance.grants.detach_loop()  # before the threads that may wait for a commit
-        exchanges.shutdown(wait=True)  # exchanges under way finish before the store closes
+        # Exchanges under way finish before the store closes; the loop keeps running meanwhile
+        # (a thread that queued a write just before the detach is answered by the writer thread).
+        await asyncio.to_thread(exchanges.shutdown, wait=True)
         instance.close()
 
     app = BrokerAPI(

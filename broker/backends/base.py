@@ -56,6 +56,16 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class Refreshing(Protocol):
+    """A backend whose ``issue`` now and then reads the store first (the jwt backend: its
+    signing keys' generation, see broker.backends.keys.REFRESH_S)."""
+
+    def refresh_due(self) -> bool:
+        """Whether the next ``issue`` would read the store (so may wait: not on the loop)."""
+        ...
+
+
+@runtime_checkable
 class Reconcilable(Protocol):
     """A backend that can list the live credentials it issued for grants (reconciler)."""
 

@@ -28,6 +28,10 @@ class JwtBackend:
         self._keys = keys
         self._issuer = issuer_url
 
+    def refresh_due(self) -> bool:
+        """Whether the next :meth:`issue` reads the store for the keys (see Refreshing)."""
+        return self._keys.due()
+
     def issue(self, grant: Grant) -> Credential:
         key = self._keys.current
         iat = int(grant.issued_at.timestamp())

@@ -150,6 +150,10 @@ class KeyRing:
 
     # --- the keys, fresh within REFRESH_S ------------------------------------------------------
 
+    def due(self) -> bool:
+        """Whether the next use reads the store's generation (REFRESH_S has passed)."""
+        return self._clock() - self._checked >= self._refresh_s
+
     def _fresh(self) -> _Ring:
         # NOTE: a thread that finds another one refreshing goes on with the keys as they are
         # (stale by that one read at most) instead of queueing behind it on the hot path.

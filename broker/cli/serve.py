@@ -136,8 +136,17 @@ def claim_cpu(slots: Path) -> int | None:
             os.close(fd)
             continue
         cpu = int(path.name.removeprefix("cpu-"))
+        try:
+            os.sched_setaffinity(0, {cpu})  # this thread first: the ones it starts inherit it
+        except OSError as exc:  # the CPU left this process's set meanwhile: run unpinned
+            log.warning("cannot pin this worker to CPU %d (%s): not pinned", cpu, exc)
+            os.close(fd)
+            return None
         for tid in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(tid), {cpu})
+            try:
+                os.sched_setaffinity(int(tid), {cpu})
+            except OSError:  # a thread that ended meanwhile
+                continue
         _claimed.append(fd)
         return cpu
     return None

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from broker.approvals.rules import Binding
 from broker.approvals.service import ApprovalService, binding_for
 from broker.audit.log import AuditLog, NewEvent, rfc3339
-from broker.backends.base import Backend, BackendRegistry, Credential
+from broker.backends.base import Backend, BackendRegistry, Credential, Refreshing
 from broker.backends.jwt import default_audience
 from broker.bounds import capped, shown
 from broker.errors import (
@@ -369,8 +369,15 @@ class GrantService:
     ) -> Steps[_ExchangeWrite | OffLoop, ExchangeResult]:
         backend = self.backends.for_token_type(req.token_type)
         decision, lineage = self.decide(identity, req, backend.name)
-        if req.emergency or decision.outcome is Outcome.APPROVAL_REQUIRED or backend.external:
-            yield OFF_LOOP  # the store (approvals, break-glass counts) or the backend's network
+        if (
+            req.emergency
+            or decision.outcome is Outcome.APPROVAL_REQUIRED
+            or backend.external
+            or (isinstance(backend, Refreshing) and backend.refresh_due())
+        ):
+            # The store (approvals, break-glass counts, the signing keys' generation every
+            # REFRESH_S) or the backend's network.
+            yield OFF_LOOP
         grant_id = _new_grant_id()
         emergency, decision, approval_id, binding, audience = self._gate(
             identity, req, decision, lineage, grant_id

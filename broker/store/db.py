@@ -252,6 +252,9 @@ class Store:
             except BlockingIOError:
                 lock.release()
                 return False
+            except BaseException:  # e.g. ENOLCK: never keep this process's lock
+                lock.release()
+                raise
         return True
 
     def release_writer(self) -> None:

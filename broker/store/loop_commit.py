@@ -53,8 +53,8 @@ After = Callable[[], None] | None
 WriteBatch = Callable[[Connection, Sequence[T]], tuple[Outcomes, After]]
 Done = Callable[[Exception | None], None]
 
-_Job = tuple[Connection, Any, list[tuple[T, Done]], Outcomes, After]
-"""A written batch for the committer: its connection, its transaction, callers, outcomes."""
+_Job = tuple[Any, list[tuple[T, Done]], Outcomes, After]
+"""A written batch for the committer: its transaction, callers, outcomes, what follows."""
 
 SWITCH_S = 0.0005
 """The switch interval while a loop writes the batches (see the module's docstring)."""
@@ -93,6 +93,9 @@ class LoopCommit(Generic[T]):
         self._committer = threading.Thread(
             target=self._commit_loop, name="broker-committer", daemon=True
         )
+        # NOTE: one connection for every batch, checked out here: a pool checkout on the loop
+        # could wait for the readers' connections while holding the write locks.
+        self._conn = store.engine.connect()
         self._committer.start()
         _short_switch(+1)
 
@@ -126,13 +129,17 @@ class LoopCommit(Generic[T]):
             fallback(item, done)
         self._jobs.put(None)
         await asyncio.to_thread(self._committer.join, self._busy_timeout * 2)
+        _close(self._conn)
         _short_switch(-1)
 
     # --- on the loop ---------------------------------------------------------------------------
 
     def _queued(self, item: T, done: Done) -> None:
         if self._fallback is not None and not self._busy:
-            self._fallback(item, done)  # closing: the writer thread takes it
+            try:
+                self._fallback(item, done)  # closing: the writer thread takes it
+            except Exception as exc:  # the writer thread is closed too
+                done(_failure(exc))
             return
         self._queue.append((item, done))
         if not self._busy:
@@ -140,7 +147,17 @@ class LoopCommit(Generic[T]):
             self._loop.call_soon(self._start)
 
     def _start(self) -> None:
-        """Write the next batch once the writer locks are free (else try again shortly)."""
+        """Write the next batch once the writer locks are free (else try again shortly).
+        NOTE: whatever fails here answers the batch and leaves the loop able to go on: a loop
+        callback that raised would leave ``_busy`` set and nothing committed again."""
+        try:
+            self._try_start()
+        except Exception as exc:  # a bug, or the locks failed: nobody may wait for this batch
+            log.exception("group commit failed")
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            self._end(batch, [_failure(exc) for _ in batch], None)
+
+    def _try_start(self) -> None:
         if not self._queue:
             self._busy = False
             return
@@ -160,28 +177,29 @@ class LoopCommit(Generic[T]):
             return
         self._waiting_since = None
         batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-        conn: Connection | None = None
+        conn = self._conn
         transaction: Any = None
         try:
-            conn = self._store.engine.connect()
             transaction = conn.begin()
             outcomes, after = self._write(conn, [item for item, _ in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError("the batch writer returned a wrong number of outcomes")
         except Exception as exc:
-            if conn is not None:
-                _close(conn, transaction)
+            _rollback(transaction)
             self._store.release_writer()
             if not isinstance(exc, SQLAlchemyError | AuditUnavailable):
                 log.exception("group commit failed")
             self._end(batch, [_failure(exc) for _ in batch], None)
             return
-        self._jobs.put((conn, transaction, batch, outcomes, after))
+        self._jobs.put((transaction, batch, outcomes, after))
 
     def _end(self, batch: list[tuple[T, Done]], outcomes: Outcomes, after: After) -> None:
         """Answer a batch's callers (after it committed, or with its failure), then go on."""
         if after is not None:
-            after()
+            try:
+                after()
+            except Exception:  # the commit stands; only a cache missed its update
+                log.exception("after a group commit")
         # NOTE: whatever ended the batch, a caller learns of success only after its commit.
         for (_, done), error in zip(batch, outcomes, strict=True):
             try:
@@ -189,7 +207,7 @@ class LoopCommit(Generic[T]):
             except Exception:  # one caller's bug must not keep the others waiting
                 log.exception("a group-commit caller failed to take its outcome")
         if self._queue:
-            self._start()
+            self._loop.call_soon(self._start)
         else:
             self._busy = False
 
@@ -197,19 +215,23 @@ class LoopCommit(Generic[T]):
 
     def _commit_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            conn, transaction, batch, outcomes, after = job
+            transaction, batch, outcomes, after = job
             try:
                 transaction.commit()
             except Exception as exc:
                 if not isinstance(exc, SQLAlchemyError):
                     log.exception("group commit failed")
                 outcomes, after = [_failure(exc) for _ in batch], None
-                _close(conn, transaction)
-            else:
-                _close(conn)
+                _rollback(transaction)
             finally:
-                self._store.release_writer()
-            self._loop.call_soon_threadsafe(self._end, batch, outcomes, after)
+                try:
+                    self._store.release_writer()
+                except Exception:
+                    log.exception("giving the write locks back failed")
+            try:
+                self._loop.call_soon_threadsafe(self._end, batch, outcomes, after)
+            except RuntimeError:  # the loop is closed: nobody is waiting on it any more
+                log.warning("a group commit ended after its event loop closed")
 
 
 _switch_lock = threading.Lock()
@@ -245,19 +267,32 @@ def _failure(exc: Exception) -> AuditUnavailable:
     return AuditUnavailable("the store failed; nothing was issued")
 
 
-def _close(conn: Connection, failed: Any = None) -> None:
-    """Close ``conn``, first rolling back ``failed`` (the transaction whose statements or
-    commit failed).
+def _rollback(failed: Any) -> None:
+    """Roll back ``failed``, the transaction whose statements or commit failed.
 
-    NOTE: a transaction whose COMMIT raised must be rolled back by hand, or its connection goes
-    back to the pool still inside BEGIN IMMEDIATE, holding SQLite's write lock (SQLAlchemy's
-    ``engine.begin()`` block does this for the writer thread)."""
+    NOTE: a transaction whose COMMIT raised must be rolled back by hand, or its connection stays
+    inside BEGIN IMMEDIATE, holding SQLite's write lock (SQLAlchemy's ``engine.begin()`` block
+    does this for the writer thread). If even that fails, the connection is invalidated: the
+    next batch begins on a new one."""
+    if failed is None:
+        return
     try:
-        if failed is not None:
-            failed.rollback()
+        failed.rollback()
+        # A COMMIT that raised before reaching the driver leaves SQLAlchemy's transaction
+        # over but SQLite's open (BEGIN IMMEDIATE is ours, not the driver's): end it there.
+        driver = failed.connection.connection.driver_connection
+        if getattr(driver, "in_transaction", False):
+            driver.rollback()
     except Exception:
         log.exception("rolling back a failed group commit failed")
-        conn.invalidate()  # not back into the pool in an unknown state
+        try:
+            failed.connection.invalidate()
+        except Exception:
+            log.exception("invalidating a group-commit connection failed")
+
+
+def _close(conn: Connection) -> None:
+    """Close ``conn``; a failure here changes nothing."""
     try:
         conn.close()
     except Exception:

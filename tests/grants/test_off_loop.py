@@ -192,3 +192,17 @@ def test_break_glass_leaves_the_loop_before_the_store(
         assert hops == 1 and wire.tripped == []
     finally:
         broker.close()
+
+
+def test_the_signing_keys_refresh_leaves_the_loop(broker: Broker, wire: Tripwire) -> None:
+    """Every REFRESH_S the jwt backend reads the store for the keys' generation first: that
+    exchange leaves the loop; the next one, with the keys just checked, stays on it."""
+    ring = broker.keys
+    ring._checked = float("-inf")  # due, as REFRESH_S after the last check
+    assert ring.due()
+    req = ExchangeRequest(eval_token(broker), "llama-7b", "evaluate", TOKEN_TYPE_JWT)
+    result, hops = like_the_api(broker, wire, req)
+    assert hops == 1 and wire.tripped == [] and not ring.due()
+    assert result.grant.model == "llama-7b"
+    again = ExchangeRequest(eval_token(broker), "llama-7b", "evaluate", TOKEN_TYPE_JWT)
+    assert like_the_api(broker, wire, again)[1] == 0

@@ -248,3 +248,60 @@ def test_the_switch_interval_is_short_while_a_loop_writes_and_restored_after(
     assert sys.getswitchinterval() == before
     group.close()
     other.close()
+
+
+def test_a_failure_on_the_loop_answers_the_batch_and_the_next_one_commits(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What raises in the loop's part (the lock file failing, a bug after a commit) answers the
+    batch's callers and leaves the writer locks free and the loop writing the next batch."""
+    committed: list[Sequence[str]] = []
+    group = GroupCommit(store, _spend_all(committed=committed))
+    real_flock = db.fcntl.flock
+    calls = {"n": 0}
+
+    def flaky_flock(fd: int, operation: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(37, "No locks available")  # ENOLCK, once
+        real_flock(fd, operation)
+
+    async def main() -> tuple[dict[str, Outcome], dict[str, Outcome]]:
+        group.attach(asyncio.get_running_loop())
+        monkeypatch.setattr(db.fcntl, "flock", flaky_flock)
+        failed = await submit_all(group, ["a", "b"])
+        monkeypatch.setattr(db.fcntl, "flock", real_flock)
+        again = await submit_all(group, ["c"])
+        await group.detach()
+        return failed, again
+
+    failed, again = asyncio.run(main())
+    assert all(isinstance(e, AuditUnavailable) for e in failed.values()), failed
+    assert again == {"c": None} and _jtis(store) == ["c"]
+    group.run("d")  # the in-process lock was given back: the writer thread gets it
+    assert _jtis(store) == ["c", "d"]
+    group.close()
+
+
+def test_a_failing_after_commit_hook_still_answers_every_caller(store: Store) -> None:
+    def write(conn: Any, items: Sequence[str]) -> tuple[list[Exception | None], Any]:
+        outcomes, _ = _spend_all()(conn, items)
+
+        def broken() -> None:
+            raise RuntimeError("a bug after the commit")
+
+        return outcomes, broken
+
+    group = GroupCommit(store, write)
+
+    async def main() -> tuple[dict[str, Outcome], dict[str, Outcome]]:
+        group.attach(asyncio.get_running_loop())
+        first = await submit_all(group, ["a", "b"])
+        second = await submit_all(group, ["c"])
+        await group.detach()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first == {"a": None, "b": None} and second == {"c": None}  # committed, answered
+    assert _jtis(store) == ["a", "b", "c"]
+    group.close()
