@@ -39,6 +39,7 @@ from broker.audit.merkle import (
 )
 from broker.errors import BrokerError, ConfigError, InvalidRequest
 from broker.keys.store import AUDIT_HMAC, AUDIT_SIGNING, KeyStore
+from broker.store.bulk import insert_rows
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow, TreeNodeRow
 
 log = logging.getLogger("broker.audit")
@@ -284,8 +285,8 @@ class AuditLog:
         if not rows:
             return results, None
         conn.execute(_SET_HEAD, {"new_size": start + len(rows)})
-        conn.execute(_INSERT_EVENT, rows)
-        conn.execute(_INSERT_NODES, nodes)
+        insert_rows(conn, _INSERT_EVENT, rows)
+        insert_rows(conn, _INSERT_NODES, nodes)
         return results, frontier
 
     def committed(self, frontier: Frontier) -> None:

@@ -61,6 +61,7 @@ from broker.identity.verifier import LEEWAY_SECONDS, KeysNotReady, Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
 from broker.policy.model import ActionConfig, EmergencyConfig
 from broker.policy.roles import ModelAccess, may_interfere
+from broker.store.bulk import Processed, insert_processed, process, raw_rows
 from broker.store.db import OFF_LOOP, GroupCommit, OffLoop, Steps, Store
 from broker.store.tables import GrantRow, UsedTokenRow
 
@@ -72,10 +73,16 @@ MAX_JTI_CHARS = 200  # the used_tokens.jti column
 
 Clock = Callable[[], dt.datetime]
 
+
 # NOTE: the exchange writes its rows with SQLAlchemy Core statements built once (no ORM unit of
 # work, no autoflush; the compiled statements are cached): most of an exchange's time was the ORM.
-_GRANTS, _USED_TOKENS = GrantRow.__table__, UsedTokenRow.__table__
-assert isinstance(_GRANTS, Table) and isinstance(_USED_TOKENS, Table)
+def _table(row: type[Any]) -> Table:
+    table = row.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+_GRANTS, _USED_TOKENS = _table(GrantRow), _table(UsedTokenRow)
 _INSERT_GRANT = insert(_GRANTS)
 _SPEND_TOKEN = insert(_USED_TOKENS)
 _ACTIVATE = (
@@ -141,6 +148,8 @@ class _ExchangeWrite:
     grant: dict[str, Any] | None = None
     activate: dict[str, Any] | None = None
     index: int | None = None
+    grant_row: Processed | None = None
+    """``grant`` through its columns' bind processors already (SQLite: broker.store.bulk)."""
 
 
 @dataclass(slots=True)
@@ -463,7 +472,10 @@ class GrantService:
                 committer(session, credential)
             return self._announced(ExchangeResult(grant=grant, credential=credential), used)
         # The common case: committed together with the other exchanges waiting meanwhile.
-        yield _ExchangeWrite(event(credential), _spend(identity), row)
+        # NOTE: on SQLite its row is processed here, before the write lock (broker.store.bulk).
+        dialect = self.store.engine.dialect
+        processed = process(dialect, _GRANTS, row) if raw_rows(dialect) else None
+        yield _ExchangeWrite(event(credential), _spend(identity), row, grant_row=processed)
         return ExchangeResult(grant=grant, credential=credential)
 
     def _announced(self, result: ExchangeResult, used: dict[str, Any]) -> ExchangeResult:
@@ -591,7 +603,10 @@ class GrantService:
         if unrecorded:  # nothing of these is written: their tokens stay unspent
             conn.execute(_UNSPEND, {"keys": unrecorded})
         done = [w for w, error in zip(writes, outcomes, strict=True) if error is None]
-        grants = [w.grant for w in done if w.grant is not None]
+        ready = [w.grant_row for w in done if w.grant_row is not None]
+        grants = [w.grant for w in done if w.grant is not None and w.grant_row is None]
+        if ready:
+            insert_processed(conn, _INSERT_GRANT, ready)
         if grants:
             conn.execute(_INSERT_GRANT, grants)
         for w in done:
