@@ -59,12 +59,13 @@ def test_database_at_its_size_limit_issues_nothing(client: TestClient, broker: B
     engine = broker.store.engine
     _sqlite(broker, "PRAGMA wal_checkpoint(TRUNCATE)")
     pages = _sqlite(broker, "PRAGMA page_count")[0]
-    engine.dispose()
 
-    def limit(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.execute(f"PRAGMA max_page_count={pages}")
+    def limit(conn: Any) -> None:
+        # On every transaction, so also on the connection the event loop's group commit keeps
+        # open (broker.store.loop_commit), which a "connect" hook would not reach.
+        conn.exec_driver_sql(f"PRAGMA max_page_count={pages}")
 
-    event.listen(engine, "connect", limit)
+    event.listen(engine, "begin", limit)
     try:
         # Rows fit in free space of existing pages for a while; once the file must grow, every
         # exchange must fail closed.
@@ -82,5 +83,5 @@ def test_database_at_its_size_limit_issues_nothing(client: TestClient, broker: B
                 break
         assert refused == 3
     finally:
-        event.remove(engine, "connect", limit)
+        event.remove(engine, "begin", limit)
         engine.dispose()
