@@ -6,9 +6,10 @@ closed past the wait), and detaching hands what is queued to the writer thread."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,25 @@ async def submit_all(group: GroupCommit[str], items: list[str]) -> dict[str, Out
         futures[item] = future
         group.submit(item, future.set_result)
     return {item: await future for item, future in futures.items()}
+
+
+def failed_then_next(
+    group: GroupCommit[str],
+    fault: contextlib.AbstractContextManager[Any],
+    failing: list[str],
+    item: str,
+) -> tuple[dict[str, Outcome], dict[str, Outcome]]:
+    """On a loop: submit ``failing`` within ``fault``, then ``item`` alone; both outcomes."""
+
+    async def main() -> tuple[dict[str, Outcome], dict[str, Outcome]]:
+        group.attach(asyncio.get_running_loop())
+        with fault:
+            failed = await submit_all(group, failing)
+        again = await submit_all(group, [item])
+        await group.detach()
+        return failed, again
+
+    return asyncio.run(main())
 
 
 def test_the_loop_writes_a_batch_and_answers_after_its_commit(store: Store) -> None:
@@ -86,18 +106,15 @@ def test_a_commit_that_fails_on_the_loop_fails_every_caller_and_the_next_commits
     def fail(_conn: Any) -> None:
         raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
 
-    async def main() -> tuple[dict[str, Outcome], dict[str, Outcome]]:
-        group.attach(asyncio.get_running_loop())
+    @contextlib.contextmanager
+    def failing_commits() -> Iterator[None]:
         event.listen(store.engine, "commit", fail)
         try:
-            failed = await submit_all(group, ["a", "b", "c"])
+            yield
         finally:
             event.remove(store.engine, "commit", fail)
-        again = await submit_all(group, ["d"])
-        await group.detach()
-        return failed, again
 
-    failed, again = asyncio.run(main())
+    failed, again = failed_then_next(group, failing_commits(), ["a", "b", "c"], "d")
     assert all(isinstance(e, AuditUnavailable) for e in failed.values()), failed
     assert again == {"d": None}
     assert committed == [["d"]] and _jtis(store) == ["d"]
@@ -266,16 +283,10 @@ def test_a_failure_on_the_loop_answers_the_batch_and_the_next_one_commits(
             raise OSError(37, "No locks available")  # ENOLCK, once
         real_flock(fd, operation)
 
-    async def main() -> tuple[dict[str, Outcome], dict[str, Outcome]]:
-        group.attach(asyncio.get_running_loop())
-        monkeypatch.setattr(db.fcntl, "flock", flaky_flock)
-        failed = await submit_all(group, ["a", "b"])
-        monkeypatch.setattr(db.fcntl, "flock", real_flock)
-        again = await submit_all(group, ["c"])
-        await group.detach()
-        return failed, again
-
-    failed, again = asyncio.run(main())
+    with monkeypatch.context() as patched:
+        patched.setattr(db.fcntl, "flock", flaky_flock)
+        fault = contextlib.nullcontext()  # the first flock fails, whenever it is called
+        failed, again = failed_then_next(group, fault, ["a", "b"], "c")
     assert all(isinstance(e, AuditUnavailable) for e in failed.values()), failed
     assert again == {"c": None} and _jtis(store) == ["c"]
     group.run("d")  # the in-process lock was given back: the writer thread gets it
