@@ -42,7 +42,8 @@ async def submit_all(group: GroupCommit[str], items: list[str]) -> dict[str, Out
         future: asyncio.Future[Outcome] = loop.create_future()
         futures[item] = future
         group.submit(item, future.set_result)
-    return {item: await future for item, future in futures.items()}
+    # A bounded wait: a loop commit that lost its callers fails the test instead of hanging it.
+    return {item: await asyncio.wait_for(future, 15) for item, future in futures.items()}
 
 
 def failed_then_next(
