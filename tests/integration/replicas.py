@@ -176,6 +176,13 @@ def newest_checkpoint(store: Store) -> int:
     return max(sizes, default=0)
 
 
+def assert_singletons_moved(store: Store, dead: int, signed_before: int) -> None:
+    """After the lease holder ``dead`` was killed: another process holds the lease and goes on
+    signing checkpoints, within the takeover bound."""
+    assert wait_until(lambda: holder_pid(store) not in (None, dead), timeout=TAKEOVER_S)
+    assert wait_until(lambda: newest_checkpoint(store) > signed_before, timeout=TAKEOVER_S)
+
+
 @dataclass
 class Load:
     """Exchanges sent through ``urls`` at random from a few threads until stopped; each 200's

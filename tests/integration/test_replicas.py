@@ -24,6 +24,7 @@ from tests.integration.replicas import (
     Load,
     Server,
     assert_everything_issued_is_recorded,
+    assert_singletons_moved,
     audit_verify,
     broker_env,
     dev_issuer,
@@ -154,14 +155,7 @@ def test_replicas_killed_under_load_lose_nothing_and_hand_the_singletons_on(
             victim.kill()
             victim.start()  # restarting meanwhile; the next kill is of the new holder
             # The singletons move to another process, which goes on signing checkpoints.
-            assert wait_until(
-                lambda dead=pid: holder_pid(store) not in (None, dead),  # type: ignore[misc]
-                timeout=TAKEOVER_S,
-            )
-            assert wait_until(
-                lambda n=signed_before: newest_checkpoint(store) > n,  # type: ignore[misc]
-                timeout=TAKEOVER_S,
-            )
+            assert_singletons_moved(store, pid, signed_before)
             assert wait_until(
                 lambda n=served_before: load.count() > n + 20,  # type: ignore[misc]
                 timeout=TAKEOVER_S,

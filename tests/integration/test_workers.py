@@ -19,6 +19,7 @@ from tests.integration.replicas import (
     Load,
     Server,
     assert_everything_issued_is_recorded,
+    assert_singletons_moved,
     audit_verify,
     broker_env,
     dev_issuer,
@@ -82,14 +83,7 @@ def test_workers_killed_under_load_lose_nothing_and_are_replaced(server: Server)
                 server.kill(pid)
                 # The other worker takes the singletons over and signs on; the supervisor
                 # (not the test) puts a new worker in the dead one's place.
-                assert wait_until(
-                    lambda dead=pid: holder_pid(store) not in (None, dead),  # type: ignore[misc]
-                    timeout=TAKEOVER_S,
-                )
-                assert wait_until(
-                    lambda n=signed_before: newest_checkpoint(store) > n,  # type: ignore[misc]
-                    timeout=TAKEOVER_S,
-                )
+                assert_singletons_moved(store, pid, signed_before)
                 assert wait_until(
                     lambda dead=pid: (
                         len(server.workers()) == WORKERS  # type: ignore[misc]
