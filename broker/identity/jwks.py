@@ -21,6 +21,7 @@ import httpx
 import jwt
 
 from broker.errors import ConfigError, IdentityRejected
+from broker.identity.verifier import KeysNotReady
 from broker.policy.model import ASYMMETRIC_ALGORITHMS, IssuerConfig
 
 _log = logging.getLogger(__name__)
@@ -218,11 +219,13 @@ class JWKSCache:
             self._http.close()
             self._http = None
 
-    def key_for(self, issuer: IssuerConfig, kid: str | None) -> jwt.PyJWK:
+    def key_for(self, issuer: IssuerConfig, kid: str | None, *, offline: bool = False) -> jwt.PyJWK:
         """The issuer's signing key named ``kid`` (or its only key, if ``kid`` is None).
 
         May fetch or re-read the issuer's key set. Raises :class:`IdentityRejected` when the
-        keys are unavailable or stale, or no single usable key matches ``kid``.
+        keys are unavailable or stale, or no single usable key matches ``kid``. ``offline`` (the
+        event loop, ``broker.api.token.exchange``): raises :class:`KeysNotReady` instead of a
+        fetch (none yet, due for a refresh, an unknown kid) or a read (a changed file).
         """
         if issuer.dev:
             # NOTE: only dev issuers take in-process keys, so a static entry can never stand
@@ -234,9 +237,9 @@ class JWKSCache:
         state = self._state(issuer)
         now = self._clock()
         if issuer.jwks_file is not None:
-            self._load_file(issuer.jwks_file, state, now)
+            self._load_file(issuer.jwks_file, state, now, offline)
         else:
-            self._refresh_if_due(issuer, state, kid, now)
+            self._refresh_if_due(issuer, state, kid, now, offline)
         keys = state.keys
         if keys is None:
             raise IdentityRejected(
@@ -250,25 +253,6 @@ class JWKSCache:
                 f"bound {issuer.max_key_age} s"
             )
         return _select(keys, issuer, kid)
-
-    def ready(self, issuer: IssuerConfig, kid: str | None) -> bool:
-        """Whether :meth:`key_for` would answer from memory: a dev issuer; a file whose keys
-        were read and which is unchanged since (one ``stat``); fetched keys that are not due
-        for a refresh (and know ``kid``). For the event loop, which must not wait for a
-        fetch (``broker.api.token.exchange``)."""
-        if issuer.dev:
-            return True
-        state = self._states.get(_ident(issuer))
-        if state is None or state.keys is None:
-            return False
-        if issuer.jwks_file is not None:
-            try:
-                st = os.stat(issuer.jwks_file)
-            except OSError:
-                return False
-            return (st.st_mtime_ns, st.st_size, st.st_ino) == state.loaded_stamp
-        refresh_age = min(self._refresh_after, issuer.max_key_age / 2)
-        return not _due(state, kid, self._clock(), refresh_age)
 
     def age(self, issuer: IssuerConfig) -> float | None:
         """Seconds since ``issuer``'s keys were last fetched (or its file last found unchanged),
@@ -291,7 +275,7 @@ class JWKSCache:
                 state = self._states.setdefault(ident, _IssuerKeys())
         return state
 
-    def _load_file(self, path: Path, state: _IssuerKeys, now: float) -> None:
+    def _load_file(self, path: Path, state: _IssuerKeys, now: float, offline: bool) -> None:
         try:
             st = os.stat(path)
         except OSError as e:
@@ -301,6 +285,8 @@ class JWKSCache:
         if stamp == state.loaded_stamp:
             state.good_at = now
             return
+        if offline:
+            raise KeysNotReady
         with state.lock:
             if stamp in (state.loaded_stamp, state.tried_stamp):
                 return
@@ -319,11 +305,13 @@ class JWKSCache:
             state.good_at = now
 
     def _refresh_if_due(
-        self, issuer: IssuerConfig, state: _IssuerKeys, kid: str | None, now: float
+        self, issuer: IssuerConfig, state: _IssuerKeys, kid: str | None, now: float, offline: bool
     ) -> None:
         refresh_age = min(self._refresh_after, issuer.max_key_age / 2)
         if not _due(state, kid, now, refresh_age):
             return
+        if offline:
+            raise KeysNotReady
         with state.lock:
             last = state.last_attempt
             # Re-checked under the lock: the thread we waited for may have fetched already.

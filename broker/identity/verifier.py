@@ -73,13 +73,10 @@ REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat")
 class KeySource(Protocol):
     """Where the verifier gets an issuer's public keys (see :class:`broker.identity.JWKSCache`)."""
 
-    def key_for(self, issuer: IssuerConfig, kid: str | None) -> jwt.PyJWK:
-        """The issuer's key with this ``kid``; raises :class:`IdentityRejected` if none fits."""
-        ...
-
-    def ready(self, issuer: IssuerConfig, kid: str | None) -> bool:
-        """Whether :meth:`key_for` would answer from memory: no fetch, no file read, no wait
-        for another thread's fetch."""
+    def key_for(self, issuer: IssuerConfig, kid: str | None, *, offline: bool = False) -> jwt.PyJWK:
+        """The issuer's key with this ``kid``; raises :class:`IdentityRejected` if none fits.
+        ``offline``: answer from memory or raise :class:`KeysNotReady` (no fetch, no file read,
+        no wait for another thread's fetch)."""
         ...
 
 
@@ -373,9 +370,7 @@ class Verifier:
                     f"(allowed: {', '.join(config.algorithms)})"
                 )
             stage = "bad_signature"
-            if offline and not self._keys.ready(config, kid):
-                raise KeysNotReady
-            key = self._keys.key_for(config, kid)
+            key = self._keys.key_for(config, kid, offline=offline)
             _check_signature(header_b64, payload_b64, signature_b64, key, alg, kid, config)
             claims = _check_claims(unverified, config)
             stage = "bad_claims"

@@ -65,10 +65,10 @@ def tripwire(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> Tripwire:
     keys = broker.grants.verifier._keys
     key_for = keys.key_for
 
-    def looked_up(issuer: Any, kid: str | None) -> Any:
-        if wire.on_loop and not keys.ready(issuer, kid):  # it would fetch or read
+    def looked_up(issuer: Any, kid: str | None, *, offline: bool = False) -> Any:
+        if wire.on_loop and not offline:  # it could fetch or read
             wire.tripped.append("key_for")
-        return key_for(issuer, kid)
+        return key_for(issuer, kid, offline=offline)
 
     monkeypatch.setattr(keys, "key_for", looked_up)
     return wire
@@ -157,7 +157,14 @@ def test_keys_that_need_a_fetch_are_fetched_off_the_loop(
     """The verifier asked not to fetch says so (KeysNotReady) before any key lookup; the steps
     then leave the loop and verify there."""
     keys = broker.grants.verifier._keys
-    monkeypatch.setattr(keys, "ready", lambda _issuer, _kid: False)
+    key_for = keys.key_for  # the tripwire's
+
+    def not_ready(issuer: Any, kid: str | None, *, offline: bool = False) -> Any:
+        if offline:
+            raise KeysNotReady
+        return key_for(issuer, kid)
+
+    monkeypatch.setattr(keys, "key_for", not_ready)
     token = eval_token(broker)
     with pytest.raises(KeysNotReady):
         broker.grants.verifier.verify_workload(token, offline=True)

@@ -13,6 +13,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from broker.errors import ConfigError, IdentityRejected
 from broker.identity import JWKSCache
+from broker.identity.verifier import KeysNotReady
 from broker.policy.model import IssuerConfig
 
 from .support import NOW, Clock, KeyServer, Signer, jwks, write_jwks
@@ -433,7 +434,7 @@ def test_age_is_none_for_an_issuer_that_never_got_good_keys(
     assert cache.age(broken) is None
 
 
-def test_ready_says_when_key_for_would_not_fetch_read_or_wait(
+def test_offline_key_for_answers_from_memory_or_says_it_would_fetch_or_read(
     cache: JWKSCache,
     remote: IssuerConfig,
     key_server: KeyServer,
@@ -441,23 +442,28 @@ def test_ready_says_when_key_for_would_not_fetch_read_or_wait(
     clock: Clock,
     tmp_path: Path,
 ) -> None:
-    """The event loop verifies a token itself only when ``ready``: keys fetched and not due
-    for a refresh (and knowing the kid), or a file read and unchanged since. ``ready`` itself
-    never fetches."""
-    assert not cache.ready(remote, "rsa-1")  # nothing fetched yet
+    """The event loop verifies a token itself only with ``offline``: keys fetched and not due
+    for a refresh (and knowing the kid), or a file read and unchanged since. Offline never
+    fetches or reads; it raises KeysNotReady where the online lookup would."""
+    with pytest.raises(KeysNotReady):  # nothing fetched yet
+        cache.key_for(remote, "rsa-1", offline=True)
     assert key_server.count(JWKS_PATH) == 0
-    cache.key_for(remote, "rsa-1")
-    assert cache.ready(remote, "rsa-1")
-    assert not cache.ready(remote, "rsa-unknown")  # key_for would refresh for an unknown kid
+    fetched = cache.key_for(remote, "rsa-1")
+    assert cache.key_for(remote, "rsa-1", offline=True) is fetched
+    with pytest.raises(KeysNotReady):  # an unknown kid would refresh
+        cache.key_for(remote, "rsa-unknown", offline=True)
     clock.advance(301)  # past refresh_after: due
-    assert not cache.ready(remote, "rsa-1")
+    with pytest.raises(KeysNotReady):
+        cache.key_for(remote, "rsa-1", offline=True)
     assert key_server.count(JWKS_PATH) == 1
 
     path = tmp_path / "jwks.json"
     write_jwks(path, rsa_signer.jwk(), mtime=NOW - 10)
     local = issuer(name="local", jwks_file=str(path))
-    assert not cache.ready(local, "rsa-1")
+    with pytest.raises(KeysNotReady):
+        cache.key_for(local, "rsa-1", offline=True)
     cache.key_for(local, "rsa-1")
-    assert cache.ready(local, "rsa-1")
+    assert cache.key_for(local, "rsa-1", offline=True).key_id == "rsa-1"
     write_jwks(path, rsa_signer.jwk(), mtime=NOW)  # changed: key_for would read it again
-    assert not cache.ready(local, "rsa-1")
+    with pytest.raises(KeysNotReady):
+        cache.key_for(local, "rsa-1", offline=True)
