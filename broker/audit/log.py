@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, insert, select, tuple_, update
 from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from broker.audit.anchor import ANCHOR_FILE, AnchorError, AnchorFile
@@ -39,7 +40,7 @@ from broker.audit.merkle import (
 )
 from broker.errors import BrokerError, ConfigError, InvalidRequest
 from broker.keys.store import AUDIT_HMAC, AUDIT_SIGNING, KeyStore
-from broker.store.bulk import insert_rows
+from broker.store.bulk import execute, insert_sql, process, raw_rows, select_in
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow, TreeNodeRow
 
 log = logging.getLogger("broker.audit")
@@ -70,6 +71,8 @@ _FRONTIER_NODES = select(_TREE_NODES.c.level, _TREE_NODES.c.idx, _TREE_NODES.c.h
 )
 _LOCK_HEAD = select(_LOG_HEAD.c.size).where(_LOG_HEAD.c.id == 1).with_for_update()
 _SET_HEAD = update(_LOG_HEAD).where(_LOG_HEAD.c.id == 1).values(size=bindparam("new_size"))
+_EVENT_KEYS = ("idx", "type", "at", "grant_id", "body")
+_NODE_KEYS = ("level", "idx", "hash")
 
 
 class AuditIntegrityError(BrokerError):
@@ -112,9 +115,61 @@ def encode_event(idx: int, event: NewEvent) -> bytes:
             **event.data,
         }
     )
+    return _checked(event, body)
+
+
+def _checked(event: NewEvent, body: bytes) -> bytes:
     if len(body) > MAX_EVENT_BYTES:
         raise ValueError(f"event {event.type} is {len(body)} bytes; the limit is {MAX_EVENT_BYTES}")
     return body
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedEvent:
+    """An event encoded but for its index, before the store's write lock: its leaf bytes at
+    ``idx`` are ``head + str(idx) + tail`` (see :func:`prepare_event`)."""
+
+    event: NewEvent
+    head: bytes
+    tail: bytes
+    at: Any
+    """``event.at`` as the driver of ``dialect`` takes it (broker.store.bulk), or ``event.at``."""
+    dialect: str | None = None
+
+    def encode(self, idx: int) -> bytes:
+        """:func:`encode_event` of the event at ``idx``, without encoding it again."""
+        return _checked(self.event, b"%s%d%s" % (self.head, idx, self.tail))
+
+
+def prepare_event(event: NewEvent, dialect: Dialect | None = None) -> NewEvent | PreparedEvent:
+    """``event`` encoded but for its index, to be appended with :meth:`AuditLog.append_batch`
+    (its time processed for ``dialect``'s driver where that takes rows processed ahead,
+    broker.store.bulk). The event itself when it cannot be split (its data names ``idx``, or
+    does not encode: the append says why).
+
+    NOTE: why (docs/performance.md): under the write lock only the index is spliced in. The
+    canonical form sorts the top-level names, so the bytes before ``"idx":`` are those of the
+    names that sort before it, and the bytes after, those that sort after (a nested ``idx`` is
+    a member of another object and sorts with it)."""
+    fields = {"v": EVENT_VERSION, "type": event.type, "at": rfc3339(event.at)}
+    fields |= {"grant_id": event.grant_id, **event.data}
+    if "idx" in fields:
+        return event
+    try:
+        before = canonical_json({k: v for k, v in fields.items() if k < "idx"})
+        after = canonical_json({k: v for k, v in fields.items() if k > "idx"})
+    except (ValueError, TypeError, RecursionError):
+        return event
+    # Names sort on both sides of "idx" always: "at" and "grant_id" before, "type" and "v" after.
+    head = before[:-1] + b',"idx":'
+    tail = b"," + after[1:]
+    if dialect is None or not raw_rows(dialect):
+        return PreparedEvent(event, head, tail, event.at)
+    return PreparedEvent(event, head, tail, _driver_at(dialect, event.at), dialect.name)
+
+
+def _driver_at(dialect: Dialect, at: dt.datetime) -> Any:
+    return process(dialect, _EVENTS, {"at": at}).values[0]
 
 
 def frontier_nodes(size: int) -> list[tuple[int, int]]:
@@ -250,43 +305,49 @@ class AuditLog:
         return idx
 
     def append_batch(
-        self, conn: Connection, events: Sequence[NewEvent]
+        self, conn: Connection, events: Sequence[NewEvent | PreparedEvent]
     ) -> tuple[list[int | ValueError], Frontier | None]:
         """Append ``events`` in order in ``conn``'s transaction, with one read and one update of
         ``log_head`` and one multi-row insert per table. Returns, per event, its index or the
         ValueError that kept it out (larger than MAX_EVENT_BYTES: it takes no index), and the
-        frontier after the batch for :meth:`committed` (None when nothing was appended)."""
+        frontier after the batch for :meth:`committed` (None when nothing was appended).
+
+        NOTE: on SQLite every statement goes through the driver (broker.store.bulk), and
+        events made by :func:`prepare_event` (with their time processed) are only completed
+        with their index here, under the write lock."""
         if not events:
             return [], None
-        start = int(conn.execute(_LOCK_HEAD).scalar_one())  # PostgreSQL: locks the row
+        raw = raw_rows(conn.dialect)
+        start = int(execute(conn, _LOCK_HEAD).scalar_one())  # PostgreSQL: locks the row
         frontier = self._frontier_for(conn, start, None)
         results: list[int | ValueError] = []
-        rows: list[dict[str, Any]] = []
-        nodes: list[dict[str, Any]] = []
-        for event in events:
+        rows: list[tuple[Any, ...]] = []
+        nodes: list[tuple[int, int, bytes]] = []
+        for item in events:
             idx = start + len(rows)
             try:
-                body = encode_event(idx, event)
+                if isinstance(item, PreparedEvent):
+                    event, body, at = item.event, item.encode(idx), item.at
+                    if item.dialect != (conn.dialect.name if raw else None):
+                        at = _driver_at(conn.dialect, event.at) if raw else event.at
+                else:
+                    event, body = item, encode_event(idx, item)
+                    at = _driver_at(conn.dialect, event.at) if raw else event.at
             except ValueError as exc:
                 results.append(exc)
                 continue
-            for level, i, h in frontier.append(leaf_hash(body)):
-                nodes.append({"level": level, "idx": i, "hash": h})
-            rows.append(
-                {
-                    "idx": idx,
-                    "type": event.type,
-                    "at": event.at,
-                    "grant_id": event.grant_id,
-                    "body": body,
-                }
-            )
+            nodes.extend(frontier.append(leaf_hash(body)))
+            rows.append((idx, event.type, at, event.grant_id, body))
             results.append(idx)
         if not rows:
             return results, None
-        conn.execute(_SET_HEAD, {"new_size": start + len(rows)})
-        insert_rows(conn, _INSERT_EVENT, rows)
-        insert_rows(conn, _INSERT_NODES, nodes)
+        execute(conn, _SET_HEAD, {"new_size": start + len(rows)})
+        if raw:
+            conn.exec_driver_sql(insert_sql(conn.dialect, _EVENTS, _EVENT_KEYS), rows)
+            conn.exec_driver_sql(insert_sql(conn.dialect, _TREE_NODES, _NODE_KEYS), nodes)
+        else:
+            conn.execute(_INSERT_EVENT, [dict(zip(_EVENT_KEYS, r, strict=True)) for r in rows])
+            conn.execute(_INSERT_NODES, [dict(zip(_NODE_KEYS, n, strict=True)) for n in nodes])
         return results, frontier
 
     def committed(self, frontier: Frontier) -> None:
@@ -314,9 +375,14 @@ class AuditLog:
         wanted = frontier_nodes(size)
         if not wanted:
             return Frontier()
-        # NOTE: prebuilt: with several workers nearly every batch reloads the frontier another
-        # process moved, under the write lock (741 µs a statement built per call, 459 prebuilt).
-        rows = session.execute(_FRONTIER_NODES, {"nodes": wanted}).all()
+        # NOTE: prebuilt, or through the driver on SQLite: with several workers nearly every
+        # batch reloads the frontier another process moved, under the write lock (741 µs a
+        # statement built per call, 459 prebuilt).
+        rows: Sequence[Any]
+        if isinstance(session, Connection) and raw_rows(session.dialect):
+            rows = select_in(session, _TREE_NODES, _NODE_KEYS, ("level", "idx"), wanted)
+        else:
+            rows = session.execute(_FRONTIER_NODES, {"nodes": wanted}).all()
         found = {(r.level, r.idx): r.hash for r in rows}
         missing = [n for n in wanted if n not in found]
         if missing:

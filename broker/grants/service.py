@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
@@ -34,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from broker.approvals.rules import Binding
 from broker.approvals.service import ApprovalService, binding_for
-from broker.audit.log import AuditLog, NewEvent, rfc3339
+from broker.audit.log import AuditLog, NewEvent, PreparedEvent, prepare_event, rfc3339
 from broker.backends.base import Backend, BackendRegistry, Credential, Refreshing
 from broker.backends.jwt import default_audience
 from broker.bounds import capped, shown
@@ -61,7 +62,7 @@ from broker.identity.verifier import LEEWAY_SECONDS, KeysNotReady, Verifier
 from broker.policy import Decision, LoadedPolicy, Outcome, decide
 from broker.policy.model import ActionConfig, EmergencyConfig
 from broker.policy.roles import ModelAccess, may_interfere
-from broker.store.bulk import Processed, insert_processed, process, raw_rows
+from broker.store.bulk import Processed, insert_new, insert_processed, process, raw_rows
 from broker.store.db import OFF_LOOP, GroupCommit, OffLoop, Steps, Store
 from broker.store.tables import GrantRow, UsedTokenRow
 
@@ -143,13 +144,15 @@ class _ExchangeWrite:
     grant row, and the activation of an ``issuing`` grant (see :func:`_activate`). The writer
     sets ``index``, the event's index in the log, once it is appended."""
 
-    event: NewEvent | None
+    event: NewEvent | PreparedEvent | None
     spend: dict[str, Any] | None = None
     grant: dict[str, Any] | None = None
     activate: dict[str, Any] | None = None
     index: int | None = None
     grant_row: Processed | None = None
     """``grant`` through its columns' bind processors already (SQLite: broker.store.bulk)."""
+    spend_row: Processed | None = None
+    """``spend`` likewise."""
 
 
 @dataclass(slots=True)
@@ -382,7 +385,7 @@ class GrantService:
             req.emergency
             or decision.outcome is Outcome.APPROVAL_REQUIRED
             or backend.external
-            or (isinstance(backend, Refreshing) and backend.refresh_due())
+            or (_refreshing(type(backend)) and cast(Refreshing, backend).refresh_due())
         ):
             # The store (approvals, break-glass counts, the signing keys' generation every
             # REFRESH_S) or the backend's network.
@@ -472,10 +475,7 @@ class GrantService:
                 committer(session, credential)
             return self._announced(ExchangeResult(grant=grant, credential=credential), used)
         # The common case: committed together with the other exchanges waiting meanwhile.
-        # NOTE: on SQLite its row is processed here, before the write lock (broker.store.bulk).
-        dialect = self.store.engine.dialect
-        processed = process(dialect, _GRANTS, row) if raw_rows(dialect) else None
-        yield _ExchangeWrite(event(credential), _spend(identity), row, grant_row=processed)
+        yield self._write(event(credential), _spend(identity), row)
         return ExchangeResult(grant=grant, credential=credential)
 
     def _announced(self, result: ExchangeResult, used: dict[str, Any]) -> ExchangeResult:
@@ -502,7 +502,7 @@ class GrantService:
         an ``issuing`` row and a credential carrying the grant id: the reconciler revokes it.
         Any failure marks the grant ``failed`` and revokes what was issued."""
         issuing = _grant_values(grant, identity, None, GrantStatus.ISSUING)
-        self._writes.run(_ExchangeWrite(None, _spend(identity), issuing))
+        self._writes.run(self._write(None, _spend(identity), issuing))
         attempt.spent = True
         try:
             with self.backends.timed(backend.name, "issue"):
@@ -513,7 +513,7 @@ class GrantService:
         activate = {"grant_id": grant.id, "ref": credential.credential_ref}
         try:
             if approved is None:
-                self._writes.run(_ExchangeWrite(event(credential), activate=activate))
+                self._writes.run(self._write(event(credential), None, activate=activate))
             else:
                 with self.store.write() as session:
                     _activate(session.connection(), activate)
@@ -564,6 +564,42 @@ class GrantService:
         except IntegrityError:
             raise _replayed(spend) from None
 
+    def _write(
+        self,
+        event: NewEvent | None,
+        spend: dict[str, Any] | None,
+        grant: dict[str, Any] | None = None,
+        *,
+        activate: dict[str, Any] | None = None,
+    ) -> _ExchangeWrite:
+        """An exchange's group-commit write. NOTE: on SQLite its rows and event are processed
+        here, before the write lock: only the event's index is left for the batch
+        (broker.store.bulk, broker.audit.log.prepare_event)."""
+        dialect = self.store.engine.dialect
+        if not raw_rows(dialect):
+            return _ExchangeWrite(event, spend, grant, activate)
+        return _ExchangeWrite(
+            None if event is None else prepare_event(event, dialect),
+            spend,
+            grant,
+            activate,
+            grant_row=None if grant is None else process(dialect, _GRANTS, grant),
+            spend_row=None if spend is None else process(dialect, _USED_TOKENS, spend),
+        )
+
+    @staticmethod
+    def _spend_new(conn: Connection, writes: Sequence[_ExchangeWrite]) -> set[tuple[str, str]]:
+        """Spend the tokens of ``writes`` (each has a ``spend``, none twice) that were not
+        spent before; return the (issuer, jti) of those spent now."""
+        if raw_rows(conn.dialect):
+            dialect = conn.dialect
+            rows = [w.spend_row or process(dialect, _USED_TOKENS, w.spend or {}) for w in writes]
+            found = insert_new(conn, _USED_TOKENS, rows, ("issuer", "jti"))
+        else:
+            statement = _SPEND_NEW_TOKENS[conn.dialect.name]
+            found = list(conn.execute(statement, [w.spend for w in writes if w.spend is not None]))
+        return {(r.issuer, r.jti) for r in found}
+
     def _write_batch(
         self, conn: Connection, writes: Sequence[_ExchangeWrite]
     ) -> tuple[list[Exception | None], Callable[[], None] | None]:
@@ -579,13 +615,11 @@ class GrantService:
                     outcomes[i] = _replayed(write.spend)
                 else:
                     first[key] = i
-        tokens = {key: spend for key, i in first.items() if (spend := writes[i].spend)}
-        if tokens:
-            statement = _SPEND_NEW_TOKENS[conn.dialect.name]
-            spent = {(r.issuer, r.jti) for r in conn.execute(statement, list(tokens.values()))}
+        if first:
+            spent = self._spend_new(conn, [writes[i] for i in first.values()])
             for key, i in first.items():
                 if key not in spent:
-                    outcomes[i] = _replayed(tokens[key])
+                    outcomes[i] = _replayed(writes[i].spend or {})
         logged = [
             (i, w.event)
             for i, w in enumerate(writes)
@@ -645,7 +679,7 @@ class GrantService:
             data["reason"] = error.reason
         event = NewEvent("exchange.denied", self.clock(), data)
         spend = _spend(identity) if consume and identity is not None else None
-        write = _ExchangeWrite(event, spend)
+        write = self._write(event, spend)
         try:
             yield write
         except TokenReplayed as replay:
@@ -937,6 +971,13 @@ def _identity_event(identity: WorkloadIdentity) -> dict[str, Any]:
         "subject": identity.subject,
         "jti": identity.jti,
     }
+
+
+@functools.cache
+def _refreshing(backend: type) -> bool:
+    """Whether backends of this class are :class:`Refreshing`. NOTE: kept per class: a runtime
+    Protocol check walks the protocol's members at every call (15 µs, on every exchange)."""
+    return issubclass(backend, Refreshing)
 
 
 def _spend(identity: WorkloadIdentity) -> dict[str, Any] | None:

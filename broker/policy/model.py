@@ -209,6 +209,9 @@ class ModelBackends(_Strict):
     aws: AwsBackendConfig | None = None
 
 
+_BACKEND_NAMES = frozenset(ModelBackends.model_fields)
+
+
 class ModelConfig(_Strict):
     owners: list[str] = Field(default_factory=list)
     backends: ModelBackends = Field(default_factory=ModelBackends)
@@ -220,7 +223,7 @@ class ModelConfig(_Strict):
         """Whether credentials for this model can come from ``backend`` (``jwt`` always can)."""
         # Look the name up among the declared backends only: getattr() with an arbitrary name
         # would find pydantic's own attributes (``model_config``...) and answer yes.
-        if backend not in ModelBackends.model_fields:
+        if backend not in _BACKEND_NAMES:
             return False
         return backend == "jwt" or getattr(self.backends, backend) is not None
 

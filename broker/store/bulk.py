@@ -8,6 +8,11 @@ through the same bind processors once, when its exchange is queued (before the l
 batch under the lock is one ``executemany`` of plain tuples through ``exec_driver_sql``. What is
 stored is what SQLAlchemy stores (``tests/store/test_bulk.py`` compares the two, value and
 SQLite type, column by column). Other dialects keep SQLAlchemy's own path.
+
+The batch's other statements (the log head's read and update, the single-use tokens spent, the
+Merkle frontier's nodes) go through the driver too (:func:`execute`, :func:`insert_new`,
+:func:`select_in`): SQLAlchemy's execution path cost more than SQLite's own work on them
+(measured: 0.18 of 0.53 s for 153 batches of 8, against 0.03 in SQLite).
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Table
-from sqlalchemy.engine import Dialect
+from sqlalchemy import Connection, Executable, Insert, Row, Table
+from sqlalchemy.engine import CursorResult, Dialect
 
 Processor = Callable[[Any], Any] | None
 
@@ -33,7 +38,12 @@ class Processed:
 
 
 _shapes: dict[tuple[int, str, tuple[str, ...]], tuple[str, list[Processor]]] = {}
+_statements: dict[tuple[int, str], tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+_texts: dict[tuple[Any, ...], str] = {}
 _lock = threading.Lock()
+CHUNK_ROWS = 100
+"""Rows per statement of :func:`insert_new` and :func:`select_in` (SQLite's limit on a
+statement's parameters is 32,766 since 3.32; 999 before)."""
 
 
 def raw_rows(dialect: Dialect) -> bool:
@@ -68,16 +78,103 @@ def insert_processed(conn: Connection, statement: Insert, rows: Sequence[Process
         conn.exec_driver_sql(sql, values)
 
 
-def insert_rows(conn: Connection, statement: Insert, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert ``rows`` (dicts of column values): processed here and through the driver where
-    :func:`raw_rows`, else with SQLAlchemy's executemany."""
-    if not rows:
-        return
-    table = statement.table
-    if not raw_rows(conn.dialect) or not isinstance(table, Table):
-        conn.execute(statement, list(rows))
-        return
-    insert_processed(conn, statement, [process(conn.dialect, table, row) for row in rows])
+def insert_sql(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> str:
+    """The driver's INSERT of rows of ``keys`` (in that order) into ``table``."""
+    return _shape(dialect, table, keys)[0]
+
+
+def execute(
+    conn: Connection, statement: Executable, params: Mapping[str, Any] | None = None
+) -> CursorResult[Any]:
+    """``statement`` with ``params`` (its parameters' values by name; the others keep the
+    values the statement holds), through the driver where :func:`raw_rows`, else SQLAlchemy's
+    execute. For statements whose parameters need no bind processing (ValueError else)."""
+    if not raw_rows(conn.dialect):
+        return conn.execute(statement, dict(params or {}))
+    sql, names, defaults = _compiled(conn.dialect, statement)
+    given = params or {}
+    return conn.exec_driver_sql(sql, tuple(given.get(n, defaults[n]) for n in names))
+
+
+def insert_new(
+    conn: Connection, table: Table, rows: Sequence[Processed], returning: Sequence[str]
+) -> list[Row[Any]]:
+    """Insert rows :func:`process` made for ``conn``'s dialect (SQLite), skipping those whose
+    key is taken (``ON CONFLICT DO NOTHING``); return the ``returning`` columns of the ones
+    inserted, in no particular order."""
+    found: list[Row[Any]] = []
+    for start in range(0, len(rows), CHUNK_ROWS):
+        chunk = rows[start : start + CHUNK_ROWS]
+        keys = chunk[0].keys
+        if any(r.table is not table or r.keys != keys for r in chunk):
+            raise ValueError(f"rows of another table or other columns for {table.name}")
+        key = ("insert_new", id(table), conn.dialect.name, keys, len(chunk), tuple(returning))
+        sql = _texts.get(key)
+        if sql is None:
+            quote = conn.dialect.identifier_preparer
+            names = ", ".join(quote.format_column(table.c[k]) for k in keys)
+            marks = ", ".join(["(" + ", ".join("?" for _ in keys) + ")"] * len(chunk))
+            back = ", ".join(quote.format_column(table.c[k]) for k in returning)
+            # Names from the table's metadata, quoted by the dialect; every value a parameter.
+            sql = (
+                f"INSERT INTO {quote.format_table(table)} ({names}) VALUES {marks} "  # noqa: S608
+                f"ON CONFLICT DO NOTHING RETURNING {back}"
+            )
+            with _lock:
+                _texts[key] = sql
+        found.extend(conn.exec_driver_sql(sql, tuple(v for r in chunk for v in r.values)).all())
+    return found
+
+
+def select_in(
+    conn: Connection,
+    table: Table,
+    columns: Sequence[str],
+    keys: Sequence[str],
+    wanted: Sequence[tuple[Any, ...]],
+) -> list[Row[Any]]:
+    """``columns`` of the rows of ``table`` whose ``keys`` are one of ``wanted`` (SQLite; values
+    that need no bind processing), in no particular order."""
+    found: list[Row[Any]] = []
+    for start in range(0, len(wanted), CHUNK_ROWS):
+        chunk = wanted[start : start + CHUNK_ROWS]
+        key = ("select_in", id(table), conn.dialect.name, tuple(columns), tuple(keys), len(chunk))
+        sql = _texts.get(key)
+        if sql is None:
+            quote = conn.dialect.identifier_preparer
+            shown = ", ".join(quote.format_column(table.c[c]) for c in columns)
+            matched = ", ".join(quote.format_column(table.c[k]) for k in keys)
+            marks = ", ".join(["(" + ", ".join("?" for _ in keys) + ")"] * len(chunk))
+            # Names from the table's metadata, quoted by the dialect; every value a parameter.
+            sql = (
+                f"SELECT {shown} FROM {quote.format_table(table)} "  # noqa: S608
+                f"WHERE ({matched}) IN (VALUES {marks})"
+            )
+            with _lock:
+                _texts[key] = sql
+        found.extend(conn.exec_driver_sql(sql, tuple(v for t in chunk for v in t)).all())
+    return found
+
+
+def _compiled(
+    dialect: Dialect, statement: Executable
+) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """``statement`` compiled once for the driver: its SQL, its parameters' names in order,
+    and the values it holds for them."""
+    cache_key = (id(statement), dialect.name)
+    found = _statements.get(cache_key)
+    if found is not None:
+        return found
+    compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    names = tuple(compiled.positiontup or ())
+    for name in names:
+        bind = compiled.binds[name]
+        if bind.expanding or bind.type.dialect_impl(dialect).bind_processor(dialect) is not None:
+            raise ValueError(f"parameter {name} of {statement} needs processing first")
+    result = (compiled.string, names, {n: compiled.binds[n].value for n in names})
+    with _lock:
+        _statements[cache_key] = result
+    return result
 
 
 def _shape(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> tuple[str, list[Processor]]:

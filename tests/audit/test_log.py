@@ -10,7 +10,13 @@ import pytest
 from sqlalchemy import select, update
 
 from broker.audit.checkpoint import NoteVerifier
-from broker.audit.log import AuditIntegrityError, AuditLog, NewEvent, StoreHashReader
+from broker.audit.log import (
+    AuditIntegrityError,
+    AuditLog,
+    NewEvent,
+    StoreHashReader,
+    prepare_event,
+)
 from broker.audit.merkle import (
     leaf_hash,
     root_from_leaves,
@@ -20,7 +26,7 @@ from broker.audit.merkle import (
 from broker.errors import InvalidRequest
 from broker.keys.store import KeyStore
 from broker.store.db import Store, sqlite_url
-from broker.store.tables import EventRow, TreeNodeRow
+from broker.store.tables import EventRow, LogHeadRow, TreeNodeRow
 from tests.keys.support import key_store
 
 NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
@@ -82,21 +88,28 @@ def test_a_rolled_back_append_does_not_poison_the_cache(store: Store, audit: Aud
         assert audit.root(s, 2) == root_from_leaves(leaves)
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["events", "prepared events"])
 def test_batched_appends_keep_the_stored_tree_exact(
-    store: Store, keys: KeyStore, audit: AuditLog, tmp_path: Path
+    store: Store, keys: KeyStore, audit: AuditLog, tmp_path: Path, prepared: bool
 ) -> None:
     other = AuditLog.from_store(
         keys, data_dir=tmp_path
     )  # a second process: its cache is always stale
     big = {"x": "y" * 70000}
     expected = 0
+    dialect = store.engine.dialect
     for n in range(1, 25):
         log = audit if n % 3 else other
         events = [NewEvent("t", NOW, {"n": n, "k": k}, grant_id=f"g{k}") for k in range(n % 5)]
         if n % 4 == 0:  # too large: refused alone, takes no index
             events.insert(n % 3, NewEvent("big", NOW, big))
+        # Prepared (encoded but for the index, as the exchange does before the write lock),
+        # all but every third, so that a batch mixes both kinds.
+        given = [
+            prepare_event(e, dialect) if prepared and i % 3 else e for i, e in enumerate(events)
+        ]
         with store.transaction() as conn:
-            results, frontier = log.append_batch(conn, events)
+            results, frontier = log.append_batch(conn, given)
         if frontier is not None:
             log.committed(frontier)
         appended = [r for r in results if isinstance(r, int)]
@@ -226,3 +239,50 @@ def test_token_hmac_is_keyed(tmp_path: Path) -> None:
 def test_store_hash_reader_refuses_missing_nodes(store: Store) -> None:
     with store.read() as s, pytest.raises(LookupError):
         StoreHashReader(s).get_node(0, 0)
+
+
+def test_the_driver_path_stores_what_sqlalchemy_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite the batch goes through the driver (broker.store.bulk); with that turned off it
+    goes through SQLAlchemy. Both leave the same rows, value and SQLite type, in every table the
+    append writes, through a frontier reloaded from the stored nodes as well."""
+    from broker.audit import log as audit_log
+    from broker.store import bulk
+    from tests.store.test_bulk import stored
+
+    def appended(name: str) -> dict[str, list[tuple[object, ...]]]:
+        (tmp_path / name).mkdir()
+        store = Store(sqlite_url(tmp_path / name))
+        store.migrate()
+        try:
+            keys = key_store(store)
+            for n in range(1, 9):
+                # A new log each batch (as another process): it reloads the frontier.
+                log = AuditLog.from_store(
+                    keys, data_dir=tmp_path / name, default_origin="test.example/audit"
+                )
+                events = [
+                    NewEvent("t", NOW + dt.timedelta(seconds=k), {"n": n, "k": k}, f"g{k}")
+                    for k in range(n)
+                ]
+                # Whole, prepared for the store, and prepared without a dialect: one of each.
+                dialect = store.engine.dialect
+                given = [
+                    [e, prepare_event(e, dialect), prepare_event(e)][k % 3]
+                    for k, e in enumerate(events)
+                ]
+                with store.transaction() as conn:
+                    log.append_batch(conn, given)
+            tables = (EventRow, TreeNodeRow, LogHeadRow)
+            return {t.__tablename__: stored(store, t.__table__) for t in tables}
+        finally:
+            store.close()
+
+    through_driver = appended("driver")
+    with monkeypatch.context() as patched:
+        for module in (audit_log, bulk):
+            patched.setattr(module, "raw_rows", lambda _dialect: False)
+        through_sqlalchemy = appended("sqlalchemy")
+    assert len(through_driver["events"]) == sum(range(1, 9))
+    assert through_driver == through_sqlalchemy

@@ -5,15 +5,17 @@ tables the group commit writes; and they read back through the ORM as the same o
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Table, insert, text
+from sqlalchemy import Table, bindparam, insert, select, text, update
 
-from broker.store.bulk import insert_processed, insert_rows, process, raw_rows
+from broker.store import bulk
+from broker.store.bulk import execute, insert_new, insert_processed, process, raw_rows, select_in
 from broker.store.db import Store, sqlite_url
-from broker.store.tables import EventRow, GrantRow, TreeNodeRow, UsedTokenRow
+from broker.store.tables import EventRow, GrantRow, LogHeadRow, TreeNodeRow, UsedTokenRow
 
 WHEN = dt.datetime(2026, 12, 1, 14, 20, 18, 123456, tzinfo=dt.UTC)
 LATER = dt.datetime(2026, 12, 1, 15, 20, 18, tzinfo=dt.timezone(dt.timedelta(hours=2)))
@@ -95,8 +97,11 @@ def test_processed_rows_are_stored_as_sqlalchemy_stores_them(
             assert raw_rows(conn.dialect)
             done = [process(conn.dialect, table, row) for row in rows]
             insert_processed(conn, insert(table), done)
-        with here.engine.begin() as conn:
-            insert_rows(conn, insert(table), rows)
+        with here.engine.begin() as conn:  # the statement that spends tokens, on any table
+            done = [process(conn.dialect, table, row) for row in rows]
+            keys = [c.name for c in table.primary_key.columns]
+            new = insert_new(conn, table, done, keys)
+            assert sorted(tuple(r) for r in new) == sorted(tuple(r[k] for k in keys) for r in rows)
         expected = stored(by_sqlalchemy, table)
         assert len(expected) == len(rows)
         assert stored(ahead, table) == expected
@@ -129,3 +134,92 @@ def test_a_row_of_another_table_or_an_unknown_column_is_refused(tmp_path: Path) 
             assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 0
     finally:
         store.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(sqlite_url(tmp_path))
+    s.migrate()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_insert_new_inserts_only_the_rows_whose_key_is_free_over_several_chunks(
+    store: Store,
+) -> None:
+    tokens = UsedTokenRow.__table__
+    assert isinstance(tokens, Table)
+    count = bulk.CHUNK_ROWS * 2 + 7
+    taken = {f"j{n}" for n in range(0, count, 3)}
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(tokens), [{"issuer": "dev", "jti": j, "expires_at": WHEN} for j in taken]
+        )
+    with store.engine.begin() as conn:
+        rows = [
+            process(conn.dialect, tokens, {"issuer": "dev", "jti": f"j{n}", "expires_at": LATER})
+            for n in range(count)
+        ]
+        new = insert_new(conn, tokens, rows, ["issuer", "jti"])
+    assert sorted(r.jti for r in new) == sorted(
+        f"j{n}" for n in range(count) if f"j{n}" not in taken
+    )
+    with store.engine.connect() as conn:
+        stored_at = dict(conn.exec_driver_sql("SELECT jti, expires_at FROM used_tokens").all())
+    assert len(stored_at) == count
+    assert {j for j, at in stored_at.items() if at.startswith("2026-12-01 14:20")} == taken
+
+
+def test_insert_new_refuses_rows_of_another_table_or_other_columns(store: Store) -> None:
+    tokens, events = UsedTokenRow.__table__, EventRow.__table__
+    assert isinstance(tokens, Table) and isinstance(events, Table)
+    with store.engine.begin() as conn:
+        token = process(conn.dialect, tokens, ROWS[UsedTokenRow][0])
+        fewer = process(conn.dialect, tokens, {"issuer": "dev", "jti": "z"})
+        with pytest.raises(ValueError, match="another table or other columns"):
+            insert_new(conn, events, [token], ["idx"])
+        with pytest.raises(ValueError, match="another table or other columns"):
+            insert_new(conn, tokens, [token, fewer], ["jti"])
+        assert conn.exec_driver_sql("SELECT count(*) FROM used_tokens").scalar() == 0
+
+
+def test_select_in_finds_exactly_the_wanted_keys_over_several_chunks(store: Store) -> None:
+    nodes = TreeNodeRow.__table__
+    assert isinstance(nodes, Table)
+    stored_nodes = {
+        (level, i): bytes([level, i % 256]) * 16 for level in range(3) for i in range(150)
+    }
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(nodes),
+            [{"level": lv, "idx": i, "hash": h} for (lv, i), h in stored_nodes.items()],
+        )
+    wanted = [(lv, i) for lv in range(4) for i in range(0, 160, 2)]  # level 3, idx >= 150: none
+    with store.engine.connect() as conn:
+        found = select_in(conn, nodes, ["level", "idx", "hash"], ["level", "idx"], wanted)
+    assert len(wanted) > bulk.CHUNK_ROWS
+    assert {(r.level, r.idx): r.hash for r in found} == {
+        key: h for key, h in stored_nodes.items() if key in set(wanted)
+    }
+
+
+def test_execute_keeps_the_statements_values_and_refuses_what_needs_processing(
+    store: Store,
+) -> None:
+    heads = LogHeadRow.__table__
+    grants = GrantRow.__table__
+    assert isinstance(heads, Table) and isinstance(grants, Table)
+    read = select(heads.c.size).where(heads.c.id == 1)
+    with store.engine.begin() as conn:
+        assert raw_rows(conn.dialect)
+        execute(conn, update(heads).where(heads.c.id == 1).values(size=bindparam("n")), {"n": 41})
+        assert execute(conn, read).scalar_one() == 41
+        assert execute(conn, select(heads.c.size).where(heads.c.id == 2)).first() is None
+        for needs_processing in (
+            update(grants).values(expires_at=bindparam("at")),  # a time: its processor
+            select(heads.c.size).where(heads.c.id.in_(bindparam("ids", expanding=True))),
+        ):
+            with pytest.raises(ValueError, match="needs processing first"):
+                execute(conn, needs_processing, {"at": WHEN, "ids": [1]})
