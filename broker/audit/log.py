@@ -40,7 +40,7 @@ from broker.audit.merkle import (
 )
 from broker.errors import BrokerError, ConfigError, InvalidRequest
 from broker.keys.store import AUDIT_HMAC, AUDIT_SIGNING, KeyStore
-from broker.store.bulk import execute, insert_sql, process, raw_rows, select_in
+from broker.store.bulk import execute, insert_tuples, process, raw_rows, select_in
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow, TreeNodeRow
 
 log = logging.getLogger("broker.audit")
@@ -318,7 +318,8 @@ class AuditLog:
         if not events:
             return [], None
         raw = raw_rows(conn.dialect)
-        start = int(execute(conn, _LOCK_HEAD).scalar_one())  # PostgreSQL: locks the row
+        [(size,)] = execute(conn, _LOCK_HEAD)  # PostgreSQL: locks the row
+        start = int(size)
         frontier = self._frontier_for(conn, start, None)
         results: list[int | ValueError] = []
         rows: list[tuple[Any, ...]] = []
@@ -343,8 +344,8 @@ class AuditLog:
             return results, None
         execute(conn, _SET_HEAD, {"new_size": start + len(rows)})
         if raw:
-            conn.exec_driver_sql(insert_sql(conn.dialect, _EVENTS, _EVENT_KEYS), rows)
-            conn.exec_driver_sql(insert_sql(conn.dialect, _TREE_NODES, _NODE_KEYS), nodes)
+            insert_tuples(conn, _EVENTS, _EVENT_KEYS, rows)
+            insert_tuples(conn, _TREE_NODES, _NODE_KEYS, nodes)
         else:
             conn.execute(_INSERT_EVENT, [dict(zip(_EVENT_KEYS, r, strict=True)) for r in rows])
             conn.execute(_INSERT_NODES, [dict(zip(_NODE_KEYS, n, strict=True)) for n in nodes])
@@ -383,7 +384,7 @@ class AuditLog:
             rows = select_in(session, _TREE_NODES, _NODE_KEYS, ("level", "idx"), wanted)
         else:
             rows = session.execute(_FRONTIER_NODES, {"nodes": wanted}).all()
-        found = {(r.level, r.idx): r.hash for r in rows}
+        found = {(level, idx): hash_ for level, idx, hash_ in rows}
         missing = [n for n in wanted if n not in found]
         if missing:
             raise AuditIntegrityError(f"the log's tree nodes {missing} are missing")

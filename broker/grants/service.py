@@ -106,6 +106,9 @@ _SPEND_NEW_TOKENS = {
 }
 
 
+_KEY = ("issuer", "jti")
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -594,10 +597,9 @@ class GrantService:
         if raw_rows(conn.dialect):
             dialect = conn.dialect
             rows = [w.spend_row or process(dialect, _USED_TOKENS, w.spend or {}) for w in writes]
-            found = insert_new(conn, _USED_TOKENS, rows, ("issuer", "jti"))
-        else:
-            statement = _SPEND_NEW_TOKENS[conn.dialect.name]
-            found = list(conn.execute(statement, [w.spend for w in writes if w.spend is not None]))
+            return {(issuer, jti) for issuer, jti in insert_new(conn, _USED_TOKENS, rows, _KEY)}
+        statement = _SPEND_NEW_TOKENS[conn.dialect.name]
+        found = conn.execute(statement, [w.spend for w in writes if w.spend is not None])
         return {(r.issuer, r.jti) for r in found}
 
     def _write_batch(

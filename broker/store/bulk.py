@@ -12,7 +12,8 @@ SQLite type, column by column). Other dialects keep SQLAlchemy's own path.
 The batch's other statements (the log head's read and update, the single-use tokens spent, the
 Merkle frontier's nodes) go through the driver too (:func:`execute`, :func:`insert_new`,
 :func:`select_in`): SQLAlchemy's execution path cost more than SQLite's own work on them
-(measured: 0.18 of 0.53 s for 153 batches of 8, against 0.03 in SQLite).
+(measured: 0.18 of 0.53 s for 153 batches of 8, against 0.03 in SQLite). All of them run on
+the driver's own cursor (:func:`run`), in the connection's transaction.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Executable, Insert, Row, Table
-from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy import Connection, Executable, Insert, Table
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 
 Processor = Callable[[Any], Any] | None
 
@@ -37,8 +39,10 @@ class Processed:
     values: tuple[Any, ...]
 
 
-_shapes: dict[tuple[int, str, tuple[str, ...]], tuple[str, list[Processor]]] = {}
-_statements: dict[tuple[int, str], tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+# NOTE: keyed by the tables and statements themselves, not their id(): a key holds its object,
+# so no other object can come to have its id while the entry is there.
+_shapes: dict[tuple[Table, str, tuple[str, ...]], tuple[str, list[Processor]]] = {}
+_statements: dict[tuple[Executable, str], tuple[str, tuple[str, ...], dict[str, Any]]] = {}
 _texts: dict[tuple[Any, ...], str] = {}
 _lock = threading.Lock()
 CHUNK_ROWS = 100
@@ -75,40 +79,71 @@ def insert_processed(conn: Connection, statement: Insert, rows: Sequence[Process
     for keys, values in by_keys.items():
         assert isinstance(statement.table, Table)
         sql, _ = _shape(conn.dialect, statement.table, keys)
-        conn.exec_driver_sql(sql, values)
+        run(conn, sql, values, many=True)
 
 
-def insert_sql(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> str:
-    """The driver's INSERT of rows of ``keys`` (in that order) into ``table``."""
-    return _shape(dialect, table, keys)[0]
+def insert_tuples(
+    conn: Connection, table: Table, keys: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Insert ``rows``, values of ``keys`` in that order as the driver takes them, into
+    ``table`` (SQLite)."""
+    run(conn, _shape(conn.dialect, table, keys)[0], rows, many=True)
+
+
+def run(
+    conn: Connection, sql: str, params: Sequence[Any], *, many: bool = False
+) -> list[tuple[Any, ...]]:
+    """``sql`` (with ``params``, or each of them when ``many``) on the driver's own cursor, in
+    ``conn``'s transaction; the rows it returns. A driver error is raised as SQLAlchemy raises
+    it from any other statement (its parameters hidden).
+
+    NOTE: not ``exec_driver_sql``: SQLAlchemy builds a result's column metadata at every
+    textual statement that returns rows (``_merge_cols_by_none``, the largest Python cost of a
+    batch after the statements themselves, profiled)."""
+    dbapi = conn.dialect.loaded_dbapi
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if many:
+            cursor.executemany(sql, params)
+        else:
+            cursor.execute(sql, params)
+        return list(cursor.fetchall())
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(
+            sql, params, exc, dbapi.Error, hide_parameters=True, dialect=conn.dialect
+        ) from exc
+    finally:
+        cursor.close()
 
 
 def execute(
     conn: Connection, statement: Executable, params: Mapping[str, Any] | None = None
-) -> CursorResult[Any]:
-    """``statement`` with ``params`` (its parameters' values by name; the others keep the
-    values the statement holds), through the driver where :func:`raw_rows`, else SQLAlchemy's
-    execute. For statements whose parameters need no bind processing (ValueError else)."""
+) -> list[Any]:
+    """The rows of ``statement`` with ``params`` (its parameters' values by name; the others
+    keep the values the statement holds), through the driver where :func:`raw_rows`, else
+    SQLAlchemy's execute. For statements whose parameters need no bind processing (ValueError
+    else)."""
     if not raw_rows(conn.dialect):
-        return conn.execute(statement, dict(params or {}))
+        result = conn.execute(statement, dict(params or {}))
+        return list(result.all()) if result.returns_rows else []
     sql, names, defaults = _compiled(conn.dialect, statement)
     given = params or {}
-    return conn.exec_driver_sql(sql, tuple(given.get(n, defaults[n]) for n in names))
+    return run(conn, sql, tuple(given.get(n, defaults[n]) for n in names))
 
 
 def insert_new(
     conn: Connection, table: Table, rows: Sequence[Processed], returning: Sequence[str]
-) -> list[Row[Any]]:
+) -> list[tuple[Any, ...]]:
     """Insert rows :func:`process` made for ``conn``'s dialect (SQLite), skipping those whose
     key is taken (``ON CONFLICT DO NOTHING``); return the ``returning`` columns of the ones
-    inserted, in no particular order."""
-    found: list[Row[Any]] = []
+    inserted (tuples, in that order), in no particular order."""
+    found: list[tuple[Any, ...]] = []
     for start in range(0, len(rows), CHUNK_ROWS):
         chunk = rows[start : start + CHUNK_ROWS]
         keys = chunk[0].keys
         if any(r.table is not table or r.keys != keys for r in chunk):
             raise ValueError(f"rows of another table or other columns for {table.name}")
-        key = ("insert_new", id(table), conn.dialect.name, keys, len(chunk), tuple(returning))
+        key = ("insert_new", table, conn.dialect.name, keys, len(chunk), tuple(returning))
         sql = _texts.get(key)
         if sql is None:
             quote = conn.dialect.identifier_preparer
@@ -122,7 +157,7 @@ def insert_new(
             )
             with _lock:
                 _texts[key] = sql
-        found.extend(conn.exec_driver_sql(sql, tuple(v for r in chunk for v in r.values)).all())
+        found.extend(run(conn, sql, tuple(v for r in chunk for v in r.values)))
     return found
 
 
@@ -132,13 +167,13 @@ def select_in(
     columns: Sequence[str],
     keys: Sequence[str],
     wanted: Sequence[tuple[Any, ...]],
-) -> list[Row[Any]]:
-    """``columns`` of the rows of ``table`` whose ``keys`` are one of ``wanted`` (SQLite; values
-    that need no bind processing), in no particular order."""
-    found: list[Row[Any]] = []
+) -> list[tuple[Any, ...]]:
+    """``columns`` of the rows of ``table`` (tuples, in that order) whose ``keys`` are one of
+    ``wanted`` (SQLite; values that need no bind processing), in no particular order."""
+    found: list[tuple[Any, ...]] = []
     for start in range(0, len(wanted), CHUNK_ROWS):
         chunk = wanted[start : start + CHUNK_ROWS]
-        key = ("select_in", id(table), conn.dialect.name, tuple(columns), tuple(keys), len(chunk))
+        key = ("select_in", table, conn.dialect.name, tuple(columns), tuple(keys), len(chunk))
         sql = _texts.get(key)
         if sql is None:
             quote = conn.dialect.identifier_preparer
@@ -152,7 +187,7 @@ def select_in(
             )
             with _lock:
                 _texts[key] = sql
-        found.extend(conn.exec_driver_sql(sql, tuple(v for t in chunk for v in t)).all())
+        found.extend(run(conn, sql, tuple(v for t in chunk for v in t)))
     return found
 
 
@@ -161,7 +196,7 @@ def _compiled(
 ) -> tuple[str, tuple[str, ...], dict[str, Any]]:
     """``statement`` compiled once for the driver: its SQL, its parameters' names in order,
     and the values it holds for them."""
-    cache_key = (id(statement), dialect.name)
+    cache_key = (statement, dialect.name)
     found = _statements.get(cache_key)
     if found is not None:
         return found
@@ -179,7 +214,7 @@ def _compiled(
 
 def _shape(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> tuple[str, list[Processor]]:
     """The INSERT of ``keys`` into ``table`` for the driver, and each column's processor."""
-    cache_key = (id(table), dialect.name, keys)
+    cache_key = (table, dialect.name, keys)
     with _lock:
         found = _shapes.get(cache_key)
     if found is not None:

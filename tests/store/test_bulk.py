@@ -5,12 +5,14 @@ tables the group commit writes; and they read back through the ORM as the same o
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Table, bindparam, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from broker.store import bulk
 from broker.store.bulk import execute, insert_new, insert_processed, process, raw_rows, select_in
@@ -163,7 +165,7 @@ def test_insert_new_inserts_only_the_rows_whose_key_is_free_over_several_chunks(
             for n in range(count)
         ]
         new = insert_new(conn, tokens, rows, ["issuer", "jti"])
-    assert sorted(r.jti for r in new) == sorted(
+    assert sorted(jti for _, jti in new) == sorted(
         f"j{n}" for n in range(count) if f"j{n}" not in taken
     )
     with store.engine.connect() as conn:
@@ -200,7 +202,7 @@ def test_select_in_finds_exactly_the_wanted_keys_over_several_chunks(store: Stor
     with store.engine.connect() as conn:
         found = select_in(conn, nodes, ["level", "idx", "hash"], ["level", "idx"], wanted)
     assert len(wanted) > bulk.CHUNK_ROWS
-    assert {(r.level, r.idx): r.hash for r in found} == {
+    assert {(level, i): h for level, i, h in found} == {
         key: h for key, h in stored_nodes.items() if key in set(wanted)
     }
 
@@ -215,11 +217,27 @@ def test_execute_keeps_the_statements_values_and_refuses_what_needs_processing(
     with store.engine.begin() as conn:
         assert raw_rows(conn.dialect)
         execute(conn, update(heads).where(heads.c.id == 1).values(size=bindparam("n")), {"n": 41})
-        assert execute(conn, read).scalar_one() == 41
-        assert execute(conn, select(heads.c.size).where(heads.c.id == 2)).first() is None
+        assert execute(conn, read) == [(41,)]
+        assert execute(conn, select(heads.c.size).where(heads.c.id == 2)) == []
         for needs_processing in (
             update(grants).values(expires_at=bindparam("at")),  # a time: its processor
             select(heads.c.size).where(heads.c.id.in_(bindparam("ids", expanding=True))),
         ):
             with pytest.raises(ValueError, match="needs processing first"):
                 execute(conn, needs_processing, {"at": WHEN, "ids": [1]})
+
+
+def test_a_driver_error_is_raised_as_sqlalchemys_without_its_parameters(store: Store) -> None:
+    """What the group commit's failure handling expects of any statement (broker.store.db):
+    SQLAlchemy's error, the driver's as its cause, and no row values in the message."""
+    tokens = UsedTokenRow.__table__
+    assert isinstance(tokens, Table)
+    with store.engine.begin() as conn:
+        row = process(
+            conn.dialect, tokens, {"issuer": "dev", "jti": "secretish", "expires_at": WHEN}
+        )
+        insert_processed(conn, insert(tokens), [row])
+        with pytest.raises(IntegrityError) as raised:
+            insert_processed(conn, insert(tokens), [row])
+        assert isinstance(raised.value.orig, sqlite3.IntegrityError)
+        assert "secretish" not in str(raised.value)
