@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import subprocess
 import threading
@@ -9,6 +10,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import botocore.loaders
+import botocore.session
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -43,6 +46,22 @@ def _no_instance_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests stay on loopback: a broker whose policy has aws models but that has no AWS
     credentials must not ask the instance-metadata address (169.254.169.254) for them."""
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_botocore_data_loader() -> Iterator[None]:
+    """Every boto3/botocore session of the test process reads botocore's bundled JSON (service
+    models, endpoints.json) through one shared loader instead of parsing it again.
+
+    NOTE: only a cache of read-only files keyed by the data path (AWS_DATA_PATH): sessions,
+    credentials, clients and their config stay per session, in the tests and in the broker. A
+    fresh session cost about 0.16 s of JSON parsing on this machine, and the AWS tests make
+    several per test (the broker's, the test's admin clients, each credential they check).
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        shared = functools.lru_cache(maxsize=None)(botocore.loaders.create_loader)
+        patch.setattr(botocore.session, "create_loader", shared)
+        yield
 
 
 @pytest.fixture
