@@ -29,6 +29,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW
+from tests.poll import SERVE_POLL_S
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTION = ROOT / "action.yml"
@@ -93,7 +94,9 @@ def serve_runner(github_key: rsa.RSAPrivateKey) -> Iterator[Runner]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S}, daemon=True
+    )
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}/_apis/token?api-version=2.0"
     try:

@@ -19,3 +19,9 @@ def poll(get: Callable[[], T | None], what: str, limit: float = POLL_LIMIT_S) ->
             return value
         time.sleep(0.05)
     raise AssertionError(f"gave up waiting: {what}")
+
+
+SERVE_POLL_S = 0.05
+"""How often a test's ``serve_forever`` loop looks for its ``shutdown()``: socketserver's default
+(0.5 s) made every stop of a test server wait up to half a second. Requests are answered as they
+arrive either way; this only bounds how long a stop waits."""

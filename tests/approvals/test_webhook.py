@@ -24,6 +24,7 @@ from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from tests.approvals.test_flow import LINEAGE, bearer, trainer
 from tests.conftest import exchange_form, person_token
+from tests.poll import SERVE_POLL_S
 
 
 def new_secret() -> str:
@@ -71,7 +72,9 @@ class Receiver:
 def receiver() -> Iterator[tuple[Receiver, str]]:
     hook = Receiver()
     server = HTTPServer(("127.0.0.1", 0), hook.handler())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S}, daemon=True
+    )
     thread.start()
     try:
         yield hook, f"http://127.0.0.1:{server.server_port}/hook"

@@ -26,6 +26,7 @@ from broker.runtime import Broker, build_broker
 from broker.settings import Settings
 from broker.store.tables import CheckpointRow, PublicationRow
 from tests.conftest import eval_token, exchange_form, free_port
+from tests.poll import SERVE_POLL_S
 
 REGION = "eu-west-1"
 BUCKET = "audit-checkpoints"
@@ -288,7 +289,9 @@ def hook() -> Iterator[tuple[Hook, str]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S}, daemon=True
+    )
     thread.start()
     try:
         yield state, f"http://127.0.0.1:{server.server_address[1]}/checkpoints?secret=s3cr3t"

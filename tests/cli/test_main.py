@@ -17,6 +17,7 @@ from broker.cli.main import main
 from broker.runtime import Broker, build_broker
 from broker.settings import EXAMPLE_POLICY, Settings
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, LiveServer, free_port
+from tests.poll import SERVE_POLL_S
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -169,7 +170,9 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def not_a_broker() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S}, daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

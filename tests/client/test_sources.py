@@ -17,6 +17,7 @@ from broker.client import BrokerClient, BrokerJWT, ClientError, credentials
 from broker.client.sources import env_source, file_source, find_source
 from broker.runtime import Broker
 from tests.conftest import EVAL_SUB, EVAL_WORKFLOW, LiveServer
+from tests.poll import SERVE_POLL_S
 
 RUNNER_BEARER = "runner-request-token"
 
@@ -51,7 +52,9 @@ def runner_oidc(
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S}, daemon=True
+    )
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/token?api-version=2.0"

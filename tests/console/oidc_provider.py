@@ -29,6 +29,8 @@ from flask import Flask, jsonify, request
 from joserfc.jwk import RSAKey
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from tests.poll import SERVE_POLL_S
+
 GROUPS_CLAIM = "groups"
 
 
@@ -257,7 +259,9 @@ def run_provider(
         id_token_ttl=id_token_ttl,
     )
     server = make_server("127.0.0.1", port, provider.app, threaded=True, request_handler=_Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S}, daemon=True
+    )
     thread.start()
     try:
         yield provider

@@ -12,6 +12,7 @@ import pytest
 
 from broker.backends.vault_http import VaultTransport, VaultUnreachable
 from tests.backends.vault.conftest import VaultSetup
+from tests.poll import SERVE_POLL_S
 from tests.servers import free_port_pair
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,9 @@ def redirecting_to(target: str) -> Iterator[str]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S}, daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
