@@ -453,11 +453,41 @@ def _grant_events(conn: Connection, grant_id: str) -> list[tuple[int, Event]]:
 
 def check_grant(conn: Connection, grant_id: str) -> list[Finding]:
     """Hold one grant against its events (found by the ``grant_id`` index)."""
-    row = conn.execute(select(GrantRow.__table__).where(GrantRow.id == grant_id)).mappings()
-    jobs = conn.execute(
-        select(RevocationRow.__table__).where(RevocationRow.grant_id == grant_id)
-    ).mappings()
-    return grant_findings(grant_id, _grant_events(conn, grant_id), row.first(), jobs.all())
+    return check_grants(conn, [grant_id])
+
+
+_GRANTS_IN = select(GrantRow.__table__).where(GrantRow.id.in_(bindparam("ids", expanding=True)))
+_JOBS_IN = (
+    select(RevocationRow.__table__)
+    .where(RevocationRow.grant_id.in_(bindparam("ids", expanding=True)))
+    .order_by(RevocationRow.id)
+)
+_EVENTS_IN = select(*_EVENT_COLUMNS).where(EventRow.grant_id.in_(bindparam("ids", expanding=True)))
+CHECK_CHUNK = 200
+"""Grants read per query by :func:`check_grants`."""
+
+
+def check_grants(conn: Connection, grant_ids: Sequence[str]) -> list[Finding]:
+    """:func:`check_grant` of each of ``grant_ids``, in that order, with three queries per
+    CHECK_CHUNK grants. NOTE: why: each maintenance round holds up to three times WATCH_GRANTS
+    grants against their events, in every process; three queries per grant took 0.63 of the
+    round's 0.75 s (profiled), CPU the event loop beside it went without."""
+    found: list[Finding] = []
+    for start in range(0, len(grant_ids), CHECK_CHUNK):
+        chunk = list(dict.fromkeys(grant_ids[start : start + CHECK_CHUNK]))
+        rows = {r["id"]: r for r in conn.execute(_GRANTS_IN, {"ids": chunk}).mappings()}
+        jobs: dict[str, list[Row]] = {}
+        for job in conn.execute(_JOBS_IN, {"ids": chunk}).mappings():
+            jobs.setdefault(job["grant_id"], []).append(job)
+        events: dict[str, list[tuple[int, Event]]] = {}
+        for idx, _type, owner, _at, body in conn.execute(_EVENTS_IN, {"ids": chunk}):
+            event = _parsed(body)
+            if isinstance(event, dict):
+                events.setdefault(str(owner), []).append((idx, event))
+        for grant_id in grant_ids[start : start + CHECK_CHUNK]:
+            replay = sorted(events.get(grant_id, []), key=lambda e: e[0])
+            found += grant_findings(grant_id, replay, rows.get(grant_id), jobs.get(grant_id, []))
+    return found
 
 
 def grant_ended_in_log(conn: Connection, grant_id: str) -> tuple[int, str] | None:
@@ -527,7 +557,7 @@ class StateWatch:
                         touched.add(gid)
             touched |= set(conn.scalars(_ENDED_ACTIVE)) | set(conn.scalars(_UNLOGGED_ACTIVE))
             wanted = sorted(suspects) + sorted(touched - suspects)
-            findings = [f for gid in wanted[: WATCH_GRANTS * 3] for f in check_grant(conn, gid)]
+            findings = check_grants(conn, wanted[: WATCH_GRANTS * 3])
         findings = [Finding(f"event {i}", p) for i, p in sorted(bad_events.items())] + findings
         self._seen = size
         self._swept = min(swept + WATCH_EVENTS, start)

@@ -283,3 +283,28 @@ def test_a_revocation_committed_during_introspection_is_no_disagreement(
         assert ended == (event_index(history.data_dir, "grant.revoked"), "grant.revoked")
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 200])
+def test_the_rounds_batched_check_finds_what_the_full_check_finds(
+    history: History, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """The round reads the grants it holds against the log in chunks (state.check_grants);
+    across chunk boundaries it finds, grant by grant and in the order asked, what the full
+    check finds, and nothing for a grant that exists nowhere."""
+    edited, removed = history.issued[1]["grant_id"], history.issued[2]["grant_id"]
+    execute(history.data_dir, "UPDATE grants SET model = 'mistral-7b' WHERE id = ?", edited)
+    execute(history.data_dir, "DELETE FROM grants WHERE id = ?", removed)
+    reactivate(history.data_dir, history.revoked)
+    full = [str(f) for f in findings(history.data_dir) if str(f).startswith("grant ")]
+    assert len({f.split(":")[0] for f in full}) == 3  # each tampered grant, found
+    monkeypatch.setattr(state, "CHECK_CHUNK", chunk)
+    asked = [removed, "g_nowhere", history.revoked, edited]
+    broker = build_broker(settings(history.data_dir))
+    try:
+        with broker.store.read() as session:
+            found = [str(f) for f in state.check_grants(session.connection(), asked)]
+    finally:
+        broker.close()
+    by_grant = {gid: [f for f in full if f.startswith(f"grant {gid}:")] for gid in asked}
+    assert found == [f for gid in asked for f in by_grant[gid]]
