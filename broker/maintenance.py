@@ -243,6 +243,7 @@ class Maintenance:
     def close(self) -> None:
         """Stop the loop and give the lease up, so that another process takes it at once."""
         self._stop.set()
+        self.leases.stop_waiting()  # a round waiting for a role's lock gives up now
         self._taken.set()
         for worker in self._workers:
             worker.join(timeout=10)

@@ -52,15 +52,18 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free loopback ports")
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> bool:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; True when it ended without the SIGKILL."""
     if proc.poll() is not None:
-        return
+        return True
     proc.terminate()
     try:
         proc.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+        return False
+    return True
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:

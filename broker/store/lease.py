@@ -96,6 +96,14 @@ class Leases:
         self._clock = clock
         self._local: dict[str, threading.Lock] = {}
         self._local_guard = threading.Lock()
+        self._stopping = threading.Event()
+
+    def stop_waiting(self) -> None:
+        """From now on :meth:`lock` waits for nobody: it raises LockTimeout at once, also in
+        the calls waiting now. For a stopping broker (broker.maintenance.Maintenance.close):
+        a maintenance round waiting up to ROLE_LOCK_WAIT_S for a role a dead process held kept
+        its worker from stopping on SIGTERM until the join's timeout."""
+        self._stopping.set()
 
     def _now(self, conn: Connection) -> dt.datetime:
         if self._clock is not None:
@@ -184,15 +192,18 @@ class Leases:
         block of this process (released, or lapsed) is never mistaken for this one's."""
         with self._local_guard:
             local = self._local.setdefault(name, threading.Lock())
-        if not local.acquire(timeout=wait_s):
-            raise LockTimeout(f"{name} is busy in this process; try again")
+        deadline = time.monotonic() + wait_s
+        while not local.acquire(timeout=min(LOCK_POLL_S, max(0.0, deadline - time.monotonic()))):
+            self._check_waiting(name)
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"{name} is busy in this process; try again")
         try:
             who = f"{self.holder}:{secrets.token_hex(4)}"
-            deadline = time.monotonic() + wait_s
             while self.acquire(name, ttl_s, holder=who) is None:
                 if time.monotonic() > deadline:
                     raise LockTimeout(f"{name} is held by another broker process; try again")
-                time.sleep(LOCK_POLL_S)
+                self._stopping.wait(LOCK_POLL_S)
+                self._check_waiting(name)
             try:
                 yield
             finally:
@@ -202,3 +213,7 @@ class Leases:
                     log.warning("could not release %s: %s", name, exc.description)
         finally:
             local.release()
+
+    def _check_waiting(self, name: str) -> None:
+        if self._stopping.is_set():
+            raise LockTimeout(f"{name}: the broker is stopping; try again")

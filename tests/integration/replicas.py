@@ -126,16 +126,18 @@ class Server:
                 continue  # it just ended
         return workers
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """Stop the server; workers its supervisor left behind (it was killed after the stop
-        timeout) are killed too, so that no process outlives the test."""
+        timeout) are killed too, so that no process outlives the test. True when it stopped
+        on SIGTERM, within the stop timeout."""
         if self.proc is None:
-            return
+            return True
         workers = self.workers()
-        stop_process(self.proc)
+        graceful = stop_process(self.proc)
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):  # it ended with its supervisor
                 os.kill(pid, signal.SIGKILL)
+        return graceful
 
 
 @contextmanager

@@ -128,6 +128,49 @@ def test_a_lock_left_by_a_dead_process_lapses(store: Store, clock: Clock) -> Non
         pass
 
 
+@pytest.mark.parametrize("held_by", ["a dead process", "another thread of this one"])
+def test_a_stopping_broker_waits_for_no_lock(store: Store, held_by: str) -> None:
+    """Broker.close stops the waits (Leases.stop_waiting): a maintenance round waiting for a
+    role's lock left by a dead worker kept the worker from stopping on SIGTERM."""
+    waiting = Leases(store, "alive")
+    release = threading.Event()
+    if held_by == "a dead process":
+        assert Leases(store, "dead").acquire("aws-role:r", 120) is not None  # never released
+    else:
+        inside = threading.Event()
+
+        def hold() -> None:
+            with waiting.lock("aws-role:r", ttl_s=30, wait_s=5):
+                inside.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        assert inside.wait(5)
+    outcome: list[BaseException | None] = []
+
+    def wait_for_it() -> None:
+        try:
+            with waiting.lock("aws-role:r", ttl_s=30, wait_s=60):
+                outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait_for_it, daemon=True)
+    thread.start()
+    try:
+        thread.join(0.3)
+        assert thread.is_alive()  # it waits, as it would for a minute
+        waiting.stop_waiting()
+        thread.join(5)
+        assert not thread.is_alive(), "the wait went on after stop_waiting"
+        [raised] = outcome
+        assert isinstance(raised, LockTimeout)
+        assert "the broker is stopping" in raised.description
+    finally:
+        release.set()
+
+
 @pytest.mark.integration
 def test_racing_replicas_on_postgresql_elect_one_holder(postgres: Postgres) -> None:
     with postgres.database() as url:
