@@ -108,7 +108,7 @@ def measure_openbao(kind: str, args: argparse.Namespace) -> load.Result:
         load.drive(
             addr, requests[: args.warmup], args.concurrency, deadline, expect=b"client_token"
         )
-        load.settle(bao.pid, 0.0)  # as the broker's run does: quiet before the clock
+        load.settle(bao.pid, broker=False)  # as the broker's run does: quiet before the clock
         cpu, busy = load.cpu_of([bao.pid]), load.machine_busy_seconds()
         batch = load.drive(
             addr, requests[args.warmup :], args.concurrency, deadline, expect=b"client_token"
