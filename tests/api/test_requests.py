@@ -201,6 +201,39 @@ def test_an_unhandled_error_is_a_500_logged_with_the_request_id(
     assert "RuntimeError: readiness broke" in logged[0]["exception"]
 
 
+def test_the_token_endpoint_keeps_its_request_id_and_500_past_fastapis_layers(
+    client: TestClient, broker: Broker, log: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``POST /v1/token`` is served past FastAPI's and Starlette's outer middlewares
+    (broker.api.app.BrokerAPI); the broker's own outermost one still gives it its request id
+    and answers what nothing handled with a 500 in the broker's shape."""
+    from broker.api import token
+
+    first = client.post("/v1/token", data=exchange_form(eval_token(broker)))
+    assert first.status_code == 200 and GENERATED.fullmatch(first.headers[HEADER])
+    through_fastapi: list[str] = []
+    stack = client.app.middleware_stack  # type: ignore[attr-defined]
+    assert stack is not None
+
+    async def recorded(scope: Any, receive: Any, send: Any) -> None:
+        through_fastapi.append(scope.get("path", ""))
+        await stack(scope, receive, send)
+
+    monkeypatch.setattr(client.app, "middleware_stack", recorded)
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug before the exchange")
+
+    monkeypatch.setattr(token, "take_budget", broken)
+    resp = client.post("/v1/token", data=exchange_form(eval_token(broker)), headers={HEADER: "t1"})
+    assert resp.status_code == 500 and resp.headers[HEADER] == "t1"
+    assert resp.json() == {"error": "server_error", "error_description": "the broker failed"}
+    logged = [line for line in lines(log) if line.get("request_id") == "t1"]
+    assert [line["message"] for line in logged] == ["POST /v1/token failed unexpectedly"]
+    assert client.get("/healthz").status_code == 200
+    assert through_fastapi == ["/healthz"]  # the exchange did not go through them
+
+
 def test_a_path_cannot_forge_an_access_log_line(
     logged: tuple[TestClient, Broker], log: io.StringIO
 ) -> None:
