@@ -106,7 +106,7 @@ _SPEND_NEW_TOKENS = {
 }
 
 
-_KEY = ("issuer", "jti")
+_TOKEN_KEY = ("issuer", "jti")
 
 
 def utcnow() -> dt.datetime:
@@ -597,7 +597,8 @@ class GrantService:
         if raw_rows(conn.dialect):
             dialect = conn.dialect
             rows = [w.spend_row or process(dialect, _USED_TOKENS, w.spend or {}) for w in writes]
-            return {(issuer, jti) for issuer, jti in insert_new(conn, _USED_TOKENS, rows, _KEY)}
+            spent = insert_new(conn, _USED_TOKENS, rows, _TOKEN_KEY)
+            return {(issuer, jti) for issuer, jti in spent}
         statement = _SPEND_NEW_TOKENS[conn.dialect.name]
         found = conn.execute(statement, [w.spend for w in writes if w.spend is not None])
         return {(r.issuer, r.jti) for r in found}

@@ -5,7 +5,7 @@ store's write lock was held two thirds of the time, and over half of a batch's s
 time was SQLAlchemy's execution path turning each row's values into the driver's (the column
 types' bind processors: JSON, UTC timestamps) and building its parameters. Here a row goes
 through the same bind processors once, when its exchange is queued (before the lock), and the
-batch under the lock is one ``executemany`` of plain tuples through ``exec_driver_sql``. What is
+batch under the lock is one driver ``executemany`` of plain tuples per table. What is
 stored is what SQLAlchemy stores (``tests/store/test_bulk.py`` compares the two, value and
 SQLite type, column by column). Other dialects keep SQLAlchemy's own path.
 
@@ -144,20 +144,17 @@ def insert_new(
         if any(r.table is not table or r.keys != keys for r in chunk):
             raise ValueError(f"rows of another table or other columns for {table.name}")
         key = ("insert_new", table, conn.dialect.name, keys, len(chunk), tuple(returning))
-        sql = _texts.get(key)
-        if sql is None:
+
+        def build(count: int = len(chunk), keys: tuple[str, ...] = keys) -> str:
             quote = conn.dialect.identifier_preparer
-            names = ", ".join(quote.format_column(table.c[k]) for k in keys)
-            marks = ", ".join(["(" + ", ".join("?" for _ in keys) + ")"] * len(chunk))
-            back = ", ".join(quote.format_column(table.c[k]) for k in returning)
             # Names from the table's metadata, quoted by the dialect; every value a parameter.
-            sql = (
-                f"INSERT INTO {quote.format_table(table)} ({names}) VALUES {marks} "  # noqa: S608
-                f"ON CONFLICT DO NOTHING RETURNING {back}"
+            return (
+                f"INSERT INTO {quote.format_table(table)} ({_names(conn, table, keys)}) "  # noqa: S608
+                f"VALUES {_rows_of_marks(len(keys), count)} "
+                f"ON CONFLICT DO NOTHING RETURNING {_names(conn, table, returning)}"
             )
-            with _lock:
-                _texts[key] = sql
-        found.extend(run(conn, sql, tuple(v for r in chunk for v in r.values)))
+
+        found.extend(run(conn, _text(key, build), tuple(v for r in chunk for v in r.values)))
     return found
 
 
@@ -174,21 +171,38 @@ def select_in(
     for start in range(0, len(wanted), CHUNK_ROWS):
         chunk = wanted[start : start + CHUNK_ROWS]
         key = ("select_in", table, conn.dialect.name, tuple(columns), tuple(keys), len(chunk))
-        sql = _texts.get(key)
-        if sql is None:
+
+        def build(count: int = len(chunk)) -> str:
             quote = conn.dialect.identifier_preparer
-            shown = ", ".join(quote.format_column(table.c[c]) for c in columns)
-            matched = ", ".join(quote.format_column(table.c[k]) for k in keys)
-            marks = ", ".join(["(" + ", ".join("?" for _ in keys) + ")"] * len(chunk))
             # Names from the table's metadata, quoted by the dialect; every value a parameter.
-            sql = (
-                f"SELECT {shown} FROM {quote.format_table(table)} "  # noqa: S608
-                f"WHERE ({matched}) IN (VALUES {marks})"
+            return (
+                f"SELECT {_names(conn, table, columns)} "  # noqa: S608
+                f"FROM {quote.format_table(table)} WHERE ({_names(conn, table, keys)}) "
+                f"IN (VALUES {_rows_of_marks(len(keys), count)})"
             )
-            with _lock:
-                _texts[key] = sql
-        found.extend(run(conn, sql, tuple(v for t in chunk for v in t)))
+
+        found.extend(run(conn, _text(key, build), tuple(v for t in chunk for v in t)))
     return found
+
+
+def _text(key: tuple[Any, ...], build: Callable[[], str]) -> str:
+    """The statement cached under ``key``, built by ``build`` the first time."""
+    sql = _texts.get(key)
+    if sql is None:
+        sql = build()
+        with _lock:
+            _texts[key] = sql
+    return sql
+
+
+def _names(conn: Connection, table: Table, columns: Sequence[str]) -> str:
+    quote = conn.dialect.identifier_preparer
+    return ", ".join(quote.format_column(table.c[c]) for c in columns)
+
+
+def _rows_of_marks(width: int, count: int) -> str:
+    """``(?, ?), (?, ?)``: ``count`` rows of ``width`` parameters."""
+    return ", ".join(["(" + ", ".join("?" * width) + ")"] * count)
 
 
 def _compiled(
