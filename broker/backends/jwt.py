@@ -7,10 +7,8 @@ the rest rely on the short TTL.
 
 from __future__ import annotations
 
-import jwt
-
 from broker.backends.base import TOKEN_TYPE_JWT, Credential
-from broker.backends.keys import ALGORITHM, KeyRing
+from broker.backends.keys import KeyRing
 from broker.grants.model import Grant
 
 
@@ -47,11 +45,8 @@ class JwtBackend:
             "action": grant.action,
             "tier": grant.tier,
         }
-        token = jwt.encode(
-            claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"}
-        )
         return Credential(
-            access_token=token,
+            access_token=key.sign_jwt(claims),
             issued_token_type=TOKEN_TYPE_JWT,
             token_type="Bearer",  # noqa: S106 (a scheme name)
             expires_at=grant.expires_at,
