@@ -92,6 +92,7 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._backend_children: dict[tuple[str, str], Callable[[float], None]] = {}
 
     def exchanged(
         self, model: str, action: str, token_type: str, outcome: str
@@ -119,8 +120,13 @@ class Metrics:
         self.refusals.labels(endpoint, reason).inc()
 
     def backend_call(self, backend: str, operation: str, seconds: float, failed: bool) -> None:
-        """A :class:`broker.backends.base.CallObserver`."""
-        self.backend_seconds.labels(backend, operation).observe(seconds)
+        """A :class:`broker.backends.base.CallObserver` (every issuance: its histogram child
+        is kept per label pair, like :meth:`exchanged`'s)."""
+        key = (backend, operation)
+        observe = self._backend_children.get(key)
+        if observe is None:
+            observe = self._backend_children[key] = self.backend_seconds.labels(*key).observe
+        observe(seconds)
         if failed:
             self.backend_errors.labels(backend, operation).inc()
 

@@ -259,13 +259,18 @@ def _check_times(claims: Mapping[str, Any], now: float) -> None:
                 f"claim {name}: {_iso(seconds)} is outside the accepted range "
                 f"(1970 to {MAX_EXP_AHEAD_SECONDS // 86400} days from now)"
             )
-    when = f"(now {_iso(now)}, leeway {LEEWAY_SECONDS}s)"
     if exp <= now - LEEWAY_SECONDS:
-        raise IdentityRejected(f"token expired at {_iso(exp)} {when}")
+        raise IdentityRejected(f"token expired at {_iso(exp)} {_when(now)}")
     if nbf is not None and nbf > now + LEEWAY_SECONDS:
-        raise IdentityRejected(f"token is not valid before {_iso(nbf)} {when}")
+        raise IdentityRejected(f"token is not valid before {_iso(nbf)} {_when(now)}")
     if iat > now + LEEWAY_SECONDS:
-        raise IdentityRejected(f"claim iat: token issued in the future at {_iso(iat)} {when}")
+        raise IdentityRejected(f"claim iat: token issued in the future at {_iso(iat)} {_when(now)}")
+
+
+def _when(now: float) -> str:
+    """The clock a time claim failed against, for its error (built only then: a date's text
+    costs as much as the checks)."""
+    return f"(now {_iso(now)}, leeway {LEEWAY_SECONDS}s)"
 
 
 class Verifier:
