@@ -23,9 +23,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Executable, Insert, Table
+from sqlalchemy import Column, Connection, Executable, Insert, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
+
+from broker.store.tables import UTCDateTime, sqlite_utc_text
 
 Processor = Callable[[Any], Any] | None
 
@@ -226,6 +228,15 @@ def _compiled(
     return result
 
 
+def _processor(dialect: Dialect, column: Column[Any]) -> Processor:
+    """``column``'s bind processor for ``dialect``: SQLAlchemy's, but for a UTC timestamp on
+    SQLite, where one function does what its two do (:func:`tables.sqlite_utc_text`)."""
+    if dialect.name == "sqlite" and isinstance(column.type, UTCDateTime):
+        return sqlite_utc_text
+    processor: Processor = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return processor
+
+
 def _shape(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> tuple[str, list[Processor]]:
     """The INSERT of ``keys`` into ``table`` for the driver, and each column's processor."""
     cache_key = (table, dialect.name, keys)
@@ -239,9 +250,7 @@ def _shape(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> tuple[str, 
     marks = ", ".join("?" for _ in columns)
     # Names from the table's metadata, quoted by the dialect; every value is a parameter.
     sql = f"INSERT INTO {quote.format_table(table)} ({names}) VALUES ({marks})"  # noqa: S608
-    processors: list[Processor] = [
-        c.type.dialect_impl(dialect).bind_processor(dialect) for c in columns
-    ]
+    processors = [_processor(dialect, c) for c in columns]
     with _lock:
         _shapes[cache_key] = (sql, processors)
     return sql, processors

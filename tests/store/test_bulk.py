@@ -11,13 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Table, bindparam, insert, select, text, update
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
 
 from broker.store import bulk
 from broker.store.bulk import execute, insert_new, insert_processed, process, raw_rows, select_in
 from broker.store.db import Store, sqlite_url
-from broker.store.tables import EventRow, GrantRow, LogHeadRow, TreeNodeRow, UsedTokenRow
+from broker.store.tables import (
+    EventRow,
+    GrantRow,
+    LogHeadRow,
+    TreeNodeRow,
+    UsedTokenRow,
+    UTCDateTime,
+    sqlite_utc_text,
+)
 
 WHEN = dt.datetime(2026, 12, 1, 14, 20, 18, 123456, tzinfo=dt.UTC)
 LATER = dt.datetime(2026, 12, 1, 15, 20, 18, tzinfo=dt.timezone(dt.timedelta(hours=2)))
@@ -241,3 +252,32 @@ def test_a_driver_error_is_raised_as_sqlalchemys_without_its_parameters(store: S
             insert_processed(conn, insert(tokens), [row])
         assert isinstance(raised.value.orig, sqlite3.IntegrityError)
         assert "secretish" not in str(raised.value)
+
+
+_OFFSETS = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(
+    lambda minutes: dt.timezone(dt.timedelta(minutes=minutes))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(
+        min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30), timezones=_OFFSETS
+    )
+)
+def test_a_utc_timestamp_is_stored_as_sqlalchemys_two_processors_store_it(
+    at: dt.datetime,
+) -> None:
+    """The one-step processor bulk uses for UTCDateTime on SQLite writes the same text as the
+    type's process_bind_param followed by SQLite's DATETIME processor."""
+    dialect = sqlite_dialect()
+    theirs = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert theirs is not None
+    ours = bulk._processor(dialect, GrantRow.__table__.c.issued_at)
+    assert ours is sqlite_utc_text
+    assert ours(at) == theirs(at)
+    assert ours(None) is None and theirs(None) is None
+    naive = at.replace(tzinfo=None)
+    for processor in (ours, theirs):
+        with pytest.raises(ValueError, match="naive"):
+            processor(naive)
