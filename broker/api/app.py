@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker.api import admin, approvals, audit, dev, public, rollback_tests, token
+from broker.api import admin, approvals, audit, dev, heap, public, rollback_tests, token
 from broker.api.bodies import BodyLimit
 from broker.api.clients import ClientAddresses, parse_networks
 from broker.api.requests import RequestContext
@@ -94,8 +94,12 @@ def _innermost(stack: ASGIApp, kind: type[RequestContext]) -> RequestContext | N
     return node if isinstance(node, kind) else None
 
 
-def create_app(settings: Settings | None = None, *, broker: Broker | None = None) -> BrokerAPI:
-    """Build the app. Pass ``broker`` to reuse one already built (tests, the CLI)."""
+def create_app(
+    settings: Settings | None = None, *, broker: Broker | None = None, serving: bool = False
+) -> BrokerAPI:
+    """Build the app. Pass ``broker`` to reuse one already built (tests, the CLI).
+    ``serving``: the app is this process's whole work (``broker serve``): once started, its
+    garbage collector is set for a long-lived heap (:func:`heap.settle`)."""
     instance = broker or build_broker(settings or Settings())
 
     exchanges = ThreadPoolExecutor(token.EXCHANGE_THREADS, thread_name_prefix="broker-exchange")
@@ -105,6 +109,8 @@ def create_app(settings: Settings | None = None, *, broker: Broker | None = None
         instance.start_maintenance()
         # SQLite: the exchange's common case and its group commit on this loop (token.exchange).
         instance.grants.attach_loop(asyncio.get_running_loop())
+        if serving:
+            heap.settle()
         yield
         await instance.grants.detach_loop()  # before the threads that may wait for a commit
         # Exchanges under way finish before the store closes; the loop keeps running meanwhile

@@ -68,7 +68,7 @@ def serve(
     if workers == 1:
         from broker.api.app import create_app  # noqa: PLC0415
 
-        app = create_app(settings)
+        app = create_app(settings, serving=True)
         resolved = app.state.broker.settings
         uvicorn.run(app, host=resolved.host, port=resolved.port, **UVICORN)
         return
@@ -178,7 +178,7 @@ def _configured(**extra: Any) -> Any:
             log.warning("no free CPU slot in %s: this worker is not pinned", slots)
         else:
             log.info("worker %d pinned to CPU %d", os.getpid(), cpu)
-    return create_app(settings)
+    return create_app(settings, serving=True)
 
 
 def app_from_env() -> Any:
