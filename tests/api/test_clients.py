@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from broker.api import clients
 from broker.api.clients import ClientAddresses, parse_networks
 from broker.errors import ConfigError
 
@@ -43,3 +44,16 @@ def test_without_trusted_proxies_the_header_is_never_read() -> None:
 def test_a_bad_trusted_proxy_setting_names_the_entry() -> None:
     with pytest.raises(ConfigError, match=r"'10\.0\.0\.300' is not an IP address or network"):
         parse_networks("127.0.0.1,10.0.0.300")
+
+
+def test_a_remembered_peer_answers_the_same_and_a_trusted_proxy_is_never_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    addresses = ClientAddresses(parse_networks("127.0.0.1"))
+    for forwarded in ("198.51.100.7", "203.0.113.5", None):  # a proxy: each header counts
+        assert addresses.of(scope("127.0.0.1", forwarded)) == (forwarded or "127.0.0.1")
+        assert addresses.of(scope("192.0.2.1", forwarded)) == "192.0.2.1"
+    monkeypatch.setattr(clients, "MAX_REMEMBERED_PEERS", 3)
+    for n in range(10):  # however many peers ask, a bounded number is kept
+        assert addresses.of(scope(f"192.0.2.{n}")) == f"192.0.2.{n}"
+        assert len(addresses._peers) <= 3
