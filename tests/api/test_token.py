@@ -15,11 +15,13 @@ import jwt
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from starlette.requests import ClientDisconnect
 
-from broker.api.token import exchange, exchange_fields
+from broker.api.token import exchange, exchange_fields, read_form
 from broker.audit.checkpoint import NoteVerifier
 from broker.audit.export import verify_store
 from broker.audit.merkle import root_from_leaves
+from broker.errors import InvalidRequest
 from broker.runtime import Broker
 from broker.store.tables import EventRow, GrantRow
 from tests.conftest import EVAL_SUB, eval_token, exchange_form, post_concurrently
@@ -400,3 +402,43 @@ def test_the_event_loop_not_a_thread_awaits_the_commit(
         runner.join(10)
     assert len(results) == 2
     assert {r.grant.id for r in results} == {g.id for g in _grants(broker)}
+
+
+def _receiver(messages: list[dict[str, object]]) -> Any:
+    pending = list(messages)
+
+    async def receive() -> dict[str, object]:
+        return pending.pop(0)
+
+    return receive
+
+
+def _form_scope(*headers: tuple[bytes, bytes]) -> dict[str, object]:
+    return {"type": "http", "headers": [(b"host", b"x"), *headers]}
+
+
+def test_read_form_reads_chunks_against_the_cap_without_a_length() -> None:
+    form_type = (b"content-type", b"application/x-www-form-urlencoded; charset=utf-8")
+    chunks = [b"scope=eva", b"luate&resource=model%3A", b"llama-7b"]
+    messages: list[dict[str, object]] = [
+        {"type": "http.request", "body": c, "more_body": True} for c in chunks
+    ]
+    messages.append({"type": "http.request", "body": b"", "more_body": False})
+    got = asyncio.run(read_form(_form_scope(form_type), _receiver(messages)))
+    assert got == {"scope": ["evaluate"], "resource": ["model:llama-7b"]}
+    # A chunked body (no Content-Length) over the cap stops being read at the cap.
+    big = {"type": "http.request", "body": b"a=" + b"x" * 40_000, "more_body": True}
+    with pytest.raises(InvalidRequest, match="larger than 65536 bytes"):
+        asyncio.run(read_form(_form_scope(form_type), _receiver([big, big, big])))
+    with pytest.raises(ClientDisconnect):
+        gone = [{"type": "http.request", "body": b"a=1", "more_body": True}]
+        asyncio.run(
+            read_form(_form_scope(form_type), _receiver([*gone, {"type": "http.disconnect"}]))
+        )
+    # The first Content-Type is the one that counts (as Starlette's Headers.get answers).
+    second = (b"content-type", b"application/x-www-form-urlencoded")
+    with pytest.raises(InvalidRequest, match="Content-Type: expected"):
+        asyncio.run(read_form(_form_scope((b"content-type", b"text/plain"), second), _receiver([])))
+    with pytest.raises(InvalidRequest, match="larger than"):
+        length = (b"content-length", b"70000")
+        asyncio.run(read_form(_form_scope(form_type, length), _receiver([])))
