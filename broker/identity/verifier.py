@@ -129,12 +129,16 @@ def _reject_constant(name: str) -> None:
     raise IdentityRejected(f"{name} is not a JSON number")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+"""The strict decoder of header and payload, made once (``json.loads`` with these options
+builds a decoder and its scanner per call: two per token)."""
+
+
 def _decode_segment(segment: str, name: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(
-            raw, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
+        # As json.loads reads bytes: UTF-8, -16 or -32, told apart by their first bytes.
+        value = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (binascii.Error, ValueError, RecursionError):
         raise IdentityRejected(f"token {name} is not base64url-encoded JSON") from None
     if not isinstance(value, dict):

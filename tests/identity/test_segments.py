@@ -1,0 +1,58 @@
+"""A token's header and payload are parsed as ``json.loads`` parses bytes with the verifier's
+strict hooks (duplicate members and NaN refused), whatever the bytes: the same object, or a
+refusal where json.loads raises."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from broker.errors import IdentityRejected
+from broker.identity.verifier import _decode_segment, _reject_constant, _reject_duplicates
+
+_json_text = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=8,
+).map(json.dumps)
+_encodings = st.sampled_from(
+    ["utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32", "utf-8-sig"]
+)
+
+
+def _loads(raw: bytes) -> Any:
+    return json.loads(raw, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
+def _segment(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=40), st.tuples(_json_text, _encodings)))
+@example(b'{"a":1,"a":2}')
+@example(b'{"exp":NaN}')
+@example(b'{"a":"\\ud800"}')
+def test_a_segment_parses_as_json_loads_parses_its_bytes(given_: Any) -> None:
+    raw = given_ if isinstance(given_, bytes) else given_[0].encode(given_[1])
+    try:
+        expected = _loads(raw)
+    except (ValueError, RecursionError, IdentityRejected):
+        with pytest.raises(IdentityRejected):
+            _decode_segment(_segment(raw), "payload")
+        return
+    if not isinstance(expected, dict):
+        with pytest.raises(IdentityRejected, match="not a JSON object"):
+            _decode_segment(_segment(raw), "payload")
+        return
+    try:
+        got = _decode_segment(_segment(raw), "payload")
+    except IdentityRejected as exc:  # only for text no identity may hold
+        assert "NUL character or an unpaired surrogate" in str(exc)
+        return
+    assert got == expected
