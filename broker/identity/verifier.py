@@ -138,13 +138,17 @@ def _decode_segment(segment: str, name: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         # As json.loads reads bytes: UTF-8, -16 or -32, told apart by their first bytes.
-        value = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        encoding = json.detect_encoding(raw)
+        value = _DECODER.decode(raw.decode(encoding, "surrogatepass"))
     except (binascii.Error, ValueError, RecursionError):
         raise IdentityRejected(f"token {name} is not base64url-encoded JSON") from None
     if not isinstance(value, dict):
         raise IdentityRejected(f"token {name} is not a JSON object")
-    # Only a \u escape can produce NUL or a surrogate: walk the strings only when one is there.
-    if b"\\u" in raw and has_unsafe_text(value):
+    # NOTE: in UTF-8, only a \u escape or the bytes of a surrogate (0xED A0-BF ..., which
+    # "surrogatepass" decodes) can produce NUL or a surrogate; in UTF-16 and -32 anything can.
+    # Walk the strings whenever one of those may be there.
+    unsafe_possible = encoding != "utf-8" or b"\\u" in raw or b"\xed" in raw
+    if unsafe_possible and has_unsafe_text(value):
         raise IdentityRejected(f"token {name} holds a NUL character or an unpaired surrogate")
     return value
 
