@@ -179,8 +179,11 @@ async def read_form(scope: Scope, receive: Receive) -> dict[str, list[str]]:
     if ctype is None or ctype.partition(";")[0].strip().lower() != FORM:
         got = "nothing" if ctype is None else shown(ctype)
         raise InvalidRequest(f"Content-Type: expected {FORM}, got {got}")
-    declared = _header(scope, b"content-length") or "0"
-    if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+    declared = _header(scope, b"content-length")
+    if declared is None:
+        declared = "0"
+    # NOTE: ASCII digits only: str.isdigit also takes '²' and other digits int() refuses.
+    if not (declared.isascii() and declared.isdigit()) or int(declared) > MAX_FORM_BYTES:
         raise InvalidRequest(f"body: larger than {MAX_FORM_BYTES} bytes")
     # NOTE: read in chunks against the cap: a chunked body has no Content-Length to check.
     body = bytearray()

@@ -439,6 +439,7 @@ def test_read_form_reads_chunks_against_the_cap_without_a_length() -> None:
     second = (b"content-type", b"application/x-www-form-urlencoded")
     with pytest.raises(InvalidRequest, match="Content-Type: expected"):
         asyncio.run(read_form(_form_scope((b"content-type", b"text/plain"), second), _receiver([])))
-    with pytest.raises(InvalidRequest, match="larger than"):
-        length = (b"content-length", b"70000")
-        asyncio.run(read_form(_form_scope(form_type, length), _receiver([])))
+    for declared in (b"70000", b"", b"\xb2", b"-1", b" 5"):  # too large, or not ASCII digits
+        with pytest.raises(InvalidRequest, match="larger than"):
+            length = (b"content-length", declared)
+            asyncio.run(read_form(_form_scope(form_type, length), _receiver([])))
