@@ -106,11 +106,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if serving:  # before the maintenance thread holds a round's objects
+            heap.settle()
         instance.start_maintenance()
         # SQLite: the exchange's common case and its group commit on this loop (token.exchange).
         instance.grants.attach_loop(asyncio.get_running_loop())
-        if serving:
-            heap.settle()
         yield
         await instance.grants.detach_loop()  # before the threads that may wait for a commit
         # Exchanges under way finish before the store closes; the loop keeps running meanwhile

@@ -49,9 +49,9 @@ def _segment(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
-def _jose(value: Mapping[str, Any]) -> bytes:
+def _jose(value: Mapping[str, Any], *, sort_keys: bool = False) -> bytes:
     """A JWS header or JWT payload as PyJWT's ``jwt.encode`` writes it (no spaces)."""
-    return json.dumps(value, separators=(",", ":")).encode()
+    return json.dumps(value, separators=(",", ":"), sort_keys=sort_keys).encode()
 
 
 def public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
@@ -80,13 +80,17 @@ class SigningKey:
     """The encoded header of every JWT this key signs: ``{"alg","kid","typ":"JWT"}``."""
 
     def __post_init__(self) -> None:
+        if self.private.curve.name != "secp256r1":  # ES256 only: r and s are 32 bytes each
+            raise ConfigError(f"the signing key {self.kid} is not an EC P-256 key")
         header = {"alg": ALGORITHM, "kid": self.kid, "typ": "JWT"}
-        object.__setattr__(self, "header", _segment(_jose(header)))
+        # Sorted names, as PyJWT writes a header.
+        object.__setattr__(self, "header", _segment(_jose(header, sort_keys=True)))
 
     def sign_jwt(self, claims: Mapping[str, Any]) -> str:
-        """``claims`` as a compact JWS signed with this key (RFC 7515 §7.1, ES256: the raw
-        32-byte r and s, RFC 7518 §3.4), byte for byte what ``jwt.encode`` makes of them with
-        this key's header but for the signature, which ECDSA draws afresh each time.
+        """``claims`` (JSON values: names, strings, numbers; no datetimes, which PyJWT would
+        convert) as a compact JWS signed with this key (RFC 7515 §7.1, ES256: the raw 32-byte
+        r and s, RFC 7518 §3.4): what ``jwt.encode`` makes of them with this key's header, byte
+        for byte, but for the signature, which ECDSA draws afresh each time.
 
         NOTE: why (docs/performance.md): this is every broker JWT's signing. PyJWT's encode,
         around the same ECDSA call, checked claim types, merged and encoded the header and made

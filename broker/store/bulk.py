@@ -231,7 +231,8 @@ def _compiled(
 def _processor(dialect: Dialect, column: Column[Any]) -> Processor:
     """``column``'s bind processor for ``dialect``: SQLAlchemy's, but for a UTC timestamp on
     SQLite, where one function does what its two do (:func:`tables.sqlite_utc_text`)."""
-    if dialect.name == "sqlite" and isinstance(column.type, UTCDateTime):
+    # NOTE: the type itself, not a subclass, which could process its values otherwise.
+    if dialect.name == "sqlite" and type(column.type) is UTCDateTime:
         return sqlite_utc_text
     processor: Processor = column.type.dialect_impl(dialect).bind_processor(dialect)
     return processor

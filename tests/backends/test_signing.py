@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.backends.keys import ALGORITHM, KeyRing, SigningKey
+from broker.errors import ConfigError
 
 KEY = KeyRing.new_key()
 
@@ -80,3 +81,8 @@ def test_the_header_names_the_key_that_signed() -> None:
     assert token.split(".")[0] == KEY.header.decode()
     assert json.loads(_unb64(KEY.header.decode())) == {"alg": "ES256", "kid": KEY.kid, "typ": "JWT"}
     assert isinstance(KEY, SigningKey) and KeyRing.new_key().header != KEY.header
+
+
+def test_a_key_of_another_curve_is_refused_before_it_signs() -> None:
+    with pytest.raises(ConfigError, match="not an EC P-256 key"):
+        SigningKey.of(ec.generate_private_key(ec.SECP384R1()))

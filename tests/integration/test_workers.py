@@ -106,6 +106,6 @@ def test_workers_killed_under_load_lose_nothing_and_are_replaced(server: Server)
     # SIGTERM until its supervisor was killed (Leases.stop_waiting).
     assert server.stop(), "the workers did not stop on SIGTERM"
     # Every worker froze its start-up heap, the replacements too (broker.api.heap).
-    assert server.log.read_text().count("start-up heap frozen") == WORKERS + KILLS
+    assert server.log.read_text().count("start-up heap frozen") >= WORKERS + KILLS
     verified = audit_verify("--data-dir", str(server.data_dir), env=server.env)
     assert verified.returncode == 0, verified.stdout + verified.stderr
