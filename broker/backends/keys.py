@@ -40,13 +40,13 @@ _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _P256_BYTES = 32
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _segment(data: bytes) -> bytes:
     """One segment of a compact JWS: unpadded base64url (RFC 7515 §2)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _b64url(data: bytes) -> str:
+    return _segment(data).decode()
 
 
 def _jose(value: Mapping[str, Any], *, sort_keys: bool = False) -> bytes:

@@ -151,9 +151,9 @@ def insert_new(
             quote = conn.dialect.identifier_preparer
             # Names from the table's metadata, quoted by the dialect; every value a parameter.
             return (
-                f"INSERT INTO {quote.format_table(table)} ({_names(conn, table, keys)}) "  # noqa: S608
+                f"INSERT INTO {quote.format_table(table)} ({_names(conn.dialect, table, keys)}) "  # noqa: S608
                 f"VALUES {_rows_of_marks(len(keys), count)} "
-                f"ON CONFLICT DO NOTHING RETURNING {_names(conn, table, returning)}"
+                f"ON CONFLICT DO NOTHING RETURNING {_names(conn.dialect, table, returning)}"
             )
 
         found.extend(run(conn, _text(key, build), tuple(v for r in chunk for v in r.values)))
@@ -178,8 +178,8 @@ def select_in(
             quote = conn.dialect.identifier_preparer
             # Names from the table's metadata, quoted by the dialect; every value a parameter.
             return (
-                f"SELECT {_names(conn, table, columns)} "  # noqa: S608
-                f"FROM {quote.format_table(table)} WHERE ({_names(conn, table, keys)}) "
+                f"SELECT {_names(conn.dialect, table, columns)} "  # noqa: S608
+                f"FROM {quote.format_table(table)} WHERE ({_names(conn.dialect, table, keys)}) "
                 f"IN (VALUES {_rows_of_marks(len(keys), count)})"
             )
 
@@ -197,8 +197,9 @@ def _text(key: tuple[Any, ...], build: Callable[[], str]) -> str:
     return sql
 
 
-def _names(conn: Connection, table: Table, columns: Sequence[str]) -> str:
-    quote = conn.dialect.identifier_preparer
+def _names(dialect: Dialect, table: Table, columns: Sequence[str]) -> str:
+    """``columns`` of ``table``, quoted by ``dialect``, comma-separated."""
+    quote = dialect.identifier_preparer
     return ", ".join(quote.format_column(table.c[c]) for c in columns)
 
 
@@ -245,13 +246,13 @@ def _shape(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> tuple[str, 
         found = _shapes.get(cache_key)
     if found is not None:
         return found
-    columns = [table.c[key] for key in keys]
     quote = dialect.identifier_preparer
-    names = ", ".join(quote.format_column(c) for c in columns)
-    marks = ", ".join("?" for _ in columns)
     # Names from the table's metadata, quoted by the dialect; every value is a parameter.
-    sql = f"INSERT INTO {quote.format_table(table)} ({names}) VALUES ({marks})"  # noqa: S608
-    processors = [_processor(dialect, c) for c in columns]
+    sql = (
+        f"INSERT INTO {quote.format_table(table)} ({_names(dialect, table, keys)}) "  # noqa: S608
+        f"VALUES {_rows_of_marks(len(keys), 1)}"
+    )
+    processors = [_processor(dialect, table.c[key]) for key in keys]
     with _lock:
         _shapes[cache_key] = (sql, processors)
     return sql, processors

@@ -33,9 +33,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
     def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(dt.UTC)
+        value = _as_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
@@ -54,9 +52,14 @@ def sqlite_utc_text(value: dt.datetime | None) -> str | None:
     exchange stores four timestamps; ``isoformat`` writes the same digits in C."""
     if value is None:
         return None
+    return _as_utc(value).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _as_utc(value: dt.datetime) -> dt.datetime:
+    """``value`` in UTC. Raises ValueError for a naive one: its zone would be a guess."""
     if value.tzinfo is None:
         raise ValueError("naive datetime given to a UTC column")
-    return value.astimezone(dt.UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    return value.astimezone(dt.UTC)
 
 
 class Base(DeclarativeBase):
