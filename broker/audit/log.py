@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from broker.audit.merkle import (
     verify_consistency,
 )
 from broker.errors import BrokerError, ConfigError, InvalidRequest
+from broker.jsonbytes import Encoder
 from broker.keys.store import AUDIT_HMAC, AUDIT_SIGNING, KeyStore
 from broker.store.bulk import execute, insert_tuples, process, raw_rows, select_in
 from broker.store.tables import CheckpointRow, EventRow, LogHeadRow, TreeNodeRow
@@ -82,15 +82,15 @@ class AuditIntegrityError(BrokerError):
     status = 500
 
 
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
-"""One encoder for every event (``json.dumps`` with these options builds one per call)."""
+_CANONICAL = Encoder(sort_keys=True, ensure_ascii=False, allow_nan=False)
+"""One encoder for every event and digest."""
 
 
 def canonical_json(value: Any) -> bytes:
-    """Deterministic JSON: sorted keys, no spaces, UTF-8, no NaN."""
-    return _CANONICAL.encode(value).encode()
+    """Deterministic JSON: sorted keys, no spaces, UTF-8, no NaN: the bytes of
+    ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    allow_nan=False)`` (broker.jsonbytes)."""
+    return _CANONICAL.encode(value)
 
 
 def rfc3339(at: dt.datetime) -> str:

@@ -24,6 +24,7 @@ from jwt.algorithms import ECAlgorithm
 from sqlalchemy.orm import Session
 
 from broker.errors import BrokerError, ConfigError
+from broker.jsonbytes import Encoder
 from broker.keys.store import CURRENT, JWT, NEXT, PREVIOUS, KeyStore, NewKey, Rotation, StoredKey
 
 log = logging.getLogger("broker.keys")
@@ -49,9 +50,16 @@ def _b64url(data: bytes) -> str:
     return _segment(data).decode()
 
 
+_JOSE = {
+    sort_keys: Encoder(sort_keys=sort_keys, ensure_ascii=True, allow_nan=True)
+    for sort_keys in (False, True)
+}
+
+
 def _jose(value: Mapping[str, Any], *, sort_keys: bool = False) -> bytes:
-    """A JWS header or JWT payload as PyJWT's ``jwt.encode`` writes it (no spaces)."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=sort_keys).encode()
+    """A JWS header or JWT payload as PyJWT's ``jwt.encode`` writes it: ``json.dumps`` with
+    no spaces (broker.jsonbytes)."""
+    return _JOSE[sort_keys].encode(value)
 
 
 def public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
