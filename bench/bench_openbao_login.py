@@ -9,6 +9,7 @@ embedded default, SQLite ``synchronous=FULL``), once per ``--workers`` value. Th
 drives all (``exchange_load.drive``: prepared requests over C keep-alive connections).
 
     .venv/bin/python bench/bench_openbao_login.py --requests 4000 --concurrency 32 --workers 1 2
+    .venv/bin/python bench/bench_openbao_login.py --requests 4000 --workers 2 --rounds 3
 
 The goal (docs/performance.md): with workers, the broker at >= 1.5x OpenBao's durable login and
 >= 0.6x its in-memory login, p99 no worse.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -140,6 +142,17 @@ def measure_broker(workers: int, args: argparse.Namespace) -> load.Result:
         return load.measure(url, pid, label, args, time.monotonic() + args.max_seconds)
 
 
+def _ratios(results: list[load.Result]) -> dict[tuple[str, str], float]:
+    """(broker label, OpenBao kind) -> the broker's rate over OpenBao's, within ``results``."""
+    base = {r.label.rsplit(", ", 1)[1]: r for r in results if r.label.startswith("OpenBao")}
+    return {
+        (r.label, kind): r.rate / b.rate
+        for r in results
+        if r.label.startswith("broker")
+        for kind, b in base.items()
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
@@ -147,25 +160,58 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--openbao", choices=["durable", "memory"], action="append")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every server this many times, in turn (the host's speed drifts: "
+        "the medians of several rounds compare the servers, not the moments)",
+    )
     parser.add_argument("--max-seconds", type=float, default=600)
     args = parser.parse_args()
     args.token_type = "jwt"
-    results: list[load.Result] = []
-    for kind in args.openbao or ["durable", "memory"]:
-        results.append(measure_openbao(kind, args))
-        load.report(results[-1])
-    for workers in args.workers:
-        results.append(measure_broker(workers, args))
-        load.report(results[-1])
-    load.summary(results)
-    base = {r.label.rsplit(", ", 1)[1]: r for r in results if r.label.startswith("OpenBao")}
-    for r in results:
-        if r.label.startswith("broker"):
-            ratios = ", ".join(
-                f"{r.rate / b.rate:.2f}x OpenBao {kind} (p99 {r.p99_ms:.0f} vs {b.p99_ms:.0f} ms)"
-                for kind, b in base.items()
+    rounds: list[list[load.Result]] = []
+    for n in range(args.rounds):
+        results: list[load.Result] = []
+        for kind in args.openbao or ["durable", "memory"]:
+            results.append(measure_openbao(kind, args))
+            load.report(results[-1])
+        for workers in args.workers:
+            results.append(measure_broker(workers, args))
+            load.report(results[-1])
+        rounds.append(results)
+        print(f"round {n + 1} of {args.rounds}")
+        load.summary(results)
+        for r in results:
+            if r.label.startswith("broker"):
+                base = [b for b in results if b.label.startswith("OpenBao")]
+                ratios = ", ".join(
+                    f"{r.rate / b.rate:.3f}x {b.label} (p99 {r.p99_ms:.0f} vs {b.p99_ms:.0f} ms)"
+                    for b in base
+                )
+                print(f"  {r.label}: {ratios}")
+    if args.rounds > 1:
+        print(f"over {args.rounds} rounds (medians)")
+        labels = [r.label for r in rounds[0]]
+        for label in labels:
+            of = [r for results in rounds for r in results if r.label == label]
+            rates = [r.rate for r in of]
+            p99s = [r.p99_ms for r in of]
+            cpus = [r.server_cpu_ms for r in of if r.server_cpu_ms is not None]
+            cpu = f", CPU {statistics.median(cpus):.2f} ms/request" if cpus else ""
+            print(
+                f"  {label}: {statistics.median(rates):,.0f}/s "
+                f"({min(rates):,.0f}-{max(rates):,.0f}), p99 {statistics.median(p99s):.0f} ms "
+                f"({min(p99s):.0f}-{max(p99s):.0f}){cpu}"
             )
-            print(f"  {r.label}: {ratios}")
+        per_round = [_ratios(results) for results in rounds]
+        for key in per_round[0]:
+            values = [ratios[key] for ratios in per_round]
+            shown = ", ".join(f"{v:.3f}" for v in values)
+            print(
+                f"  {key[0]} / OpenBao {key[1]}: median {statistics.median(values):.3f}x "
+                f"(rounds: {shown})"
+            )
     return 0
 
 
