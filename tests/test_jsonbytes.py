@@ -1,5 +1,5 @@
 """broker.jsonbytes.Encoder writes the bytes ``json`` writes, or raises what ``json`` raises,
-for any value and any of its options: the audit log's leaves, the policy digest and the
+for any value and any of its options: the audit log's leaves, the approval rules' digest and the
 broker's JWT payloads are these bytes."""
 
 from __future__ import annotations
@@ -120,11 +120,23 @@ def test_a_circular_value_is_refused_as_json_refuses_it() -> None:
         Encoder(sort_keys=True, ensure_ascii=False, allow_nan=False).encode(loop)
 
 
-def test_more_values_than_the_walk_looks_at() -> None:
-    value = {"many": list(range(MAX_WALK + 5))}
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"many": list(range(MAX_WALK + 5))},
+        {str(n): n for n in range(MAX_WALK + 1)},
+        [[[n], [n]] for n in range(MAX_WALK // 4)],  # many small containers, as many members
+    ],
+)
+def test_more_members_than_the_walk_looks_at(value: Any) -> None:
+    """The walk's cost is bounded: past MAX_WALK members, ``json`` writes the value."""
     assert not _plain(value, ascii_only=False)
-    for options in OPTIONS:
+    for options in OPTIONS[:2]:
         assert _ours(value, options) == _stdlib(value, options)
+
+
+def test_as_many_members_as_the_walk_looks_at() -> None:
+    assert _plain({"many": list(range(MAX_WALK - 1))}, ascii_only=False)
 
 
 def test_an_exchanges_values_take_orjsons_path() -> None:

@@ -408,7 +408,7 @@ def test_the_cli_and_the_client_load_nothing_of_the_server(code: str) -> None:
         f"import sys; {code}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'fastapi', 'starlette', 'sqlalchemy', 'hvac', 'boto3', 'botocore', 'uvicorn', "
-        "'pydantic', 'pydantic_settings', 'yaml'}))"
+        "'pydantic', 'pydantic_settings', 'yaml', 'orjson'}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60

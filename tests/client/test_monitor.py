@@ -185,7 +185,7 @@ def test_the_monitor_loads_nothing_of_the_server(
         "code = main(['audit', 'monitor', '--url', sys.argv[1], '--state', sys.argv[2], "
         "'--once', '--json'])\n"
         "heavy = {'fastapi', 'starlette', 'sqlalchemy', 'hvac', 'boto3', 'botocore', 'uvicorn',"
-        " 'alembic', 'prometheus_client', 'pydantic'}\n"
+        " 'alembic', 'prometheus_client', 'pydantic', 'orjson'}\n"
         "print(code, sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )
     with scene.serve() as (url, broker):
