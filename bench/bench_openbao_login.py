@@ -182,9 +182,9 @@ def main() -> int:
         rounds.append(results)
         print(f"round {n + 1} of {args.rounds}")
         load.summary(results)
+        base = [b for b in results if b.label.startswith("OpenBao")]
         for r in results:
             if r.label.startswith("broker"):
-                base = [b for b in results if b.label.startswith("OpenBao")]
                 ratios = ", ".join(
                     f"{r.rate / b.rate:.3f}x {b.label} (p99 {r.p99_ms:.0f} vs {b.p99_ms:.0f} ms)"
                     for b in base

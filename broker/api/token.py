@@ -243,7 +243,7 @@ def _unquoted(text: str) -> str:
         text = text.replace("+", " ")
     if "%" not in text:
         return text
-    if text.isascii():  # unquote decodes the escapes of each ASCII run so
+    if text.isascii():  # unquote's ASCII runs are then the whole text: the same decoding
         return unquote_to_bytes(text).decode()
     return unquote(text, errors="strict")
 
